@@ -1,0 +1,178 @@
+"""Retrieval metrics with mmpretrain's semantics: Recall@K and mAP@K of queries against a gallery.
+
+The gallery is ranked for each query by cosine similarity, highest first; a gallery item is
+relevant when its label equals the query's label. Queries are processed in chunks so memory is
+O(chunk_size x gallery) and only the top max(K) items of each row are ever ordered.
+
+Ties: items with equal similarity are ordered by gallery index, lowest first, so results do not
+depend on how torch.topk happens to break ties.
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+AP_MODES = ("IR", "integrate")
+
+
+def retrieval_metrics(
+    query: Tensor,
+    gallery: Tensor,
+    query_labels: Tensor,
+    gallery_labels: Tensor,
+    recall_at: Sequence[int] = (1,),
+    map_at: Sequence[int] = (10,),
+    ap_mode: str = "IR",
+    chunk_size: int = 1024,
+) -> dict[str, float]:
+    """Recall@K and mAP@K (percent) of `query` (Q, D) against `gallery` (G, D).
+
+    Returns {"recall@K": ..., "mAP@K": ..., "num_queries": evaluated, "num_skipped": skipped}.
+    AP@K sums, over the relevant items at 0-based ranks r_i < K (i counting hits from 1), the
+    precision i / (r_i + 1) ("IR") or the mean of the precision just before and at the hit
+    ("integrate"), and divides by R, the query's total number of relevant gallery items.
+    Queries without any relevant gallery item are excluded from every mean and counted in
+    "num_skipped" (with a warning). Embeddings are L2-normalised here; float16/bfloat16 inputs
+    are computed in float32, float64 inputs in float64.
+    """
+    _check_inputs(query, gallery, query_labels, gallery_labels, recall_at, map_at, ap_mode, chunk_size)
+    compute_dtype = torch.promote_types(query.dtype, torch.float32)
+    query_labels = query_labels.to(query.device)
+    gallery_labels = gallery_labels.to(query.device)
+    gallery_unit = F.normalize(gallery.to(compute_dtype), dim=1)
+    num_relevant = _count_relevant(query_labels, gallery_labels)  # (Q,) R of each query
+    top_k = min(max((*recall_at, *map_at)), gallery.shape[0])
+
+    recall_hits = {k: 0 for k in recall_at}
+    ap_sums = {k: 0.0 for k in map_at}
+    for start in range(0, query.shape[0], chunk_size):
+        stop = min(start + chunk_size, query.shape[0])
+        query_unit = F.normalize(query[start:stop].to(compute_dtype), dim=1)
+        similarity = torch.mm(query_unit, gallery_unit.T)  # (chunk, G)
+        ranked = _top_k_stable(similarity, top_k)  # (chunk, top_k) gallery indices
+        del similarity
+        hits = gallery_labels[ranked] == query_labels[start:stop, None]  # (chunk, top_k)
+        chunk_relevant = num_relevant[start:stop]
+        evaluated = chunk_relevant > 0
+        for k in recall_at:
+            recall_hits[k] += int((hits[:, :k].any(dim=1) & evaluated).sum())
+        ap_terms = _ap_terms(hits, ap_mode)
+        for k in map_at:
+            ap = ap_terms[:, :k].sum(dim=1) / chunk_relevant.clamp(min=1)
+            ap_sums[k] += float(ap[evaluated].sum())
+
+    num_queries = int((num_relevant > 0).sum())
+    num_skipped = query.shape[0] - num_queries
+    if num_queries == 0:
+        raise ValueError(
+            "retrieval_metrics: no query has a relevant gallery item (no query label occurs in "
+            "gallery_labels); expected query and gallery labels to share one numbering"
+        )
+    if num_skipped:
+        warnings.warn(
+            f"retrieval_metrics: {num_skipped} of {query.shape[0]} queries have no relevant "
+            "gallery item; they are excluded from every metric",
+            stacklevel=2,
+        )
+    metrics: dict[str, float] = {}
+    for k in recall_at:
+        metrics[f"recall@{k}"] = 100.0 * recall_hits[k] / num_queries
+    for k in map_at:
+        metrics[f"mAP@{k}"] = 100.0 * ap_sums[k] / num_queries
+    metrics["num_queries"] = num_queries
+    metrics["num_skipped"] = num_skipped
+    return metrics
+
+
+def _check_inputs(
+    query: Tensor,
+    gallery: Tensor,
+    query_labels: Tensor,
+    gallery_labels: Tensor,
+    recall_at: Sequence[int],
+    map_at: Sequence[int],
+    ap_mode: str,
+    chunk_size: int,
+) -> None:
+    for name, embeddings in (("query", query), ("gallery", gallery)):
+        if embeddings.dim() != 2 or embeddings.shape[0] == 0:
+            raise ValueError(
+                f"retrieval_metrics: {name} must be a non-empty 2-D (N, D) tensor, "
+                f"got shape {tuple(embeddings.shape)}"
+            )
+        if not embeddings.is_floating_point():
+            raise ValueError(f"retrieval_metrics: {name} must be floating point, got {embeddings.dtype}")
+        if not bool(torch.isfinite(embeddings).all()):
+            raise ValueError(f"retrieval_metrics: {name} contains NaN or infinite values")
+    if query.shape[1] != gallery.shape[1]:
+        raise ValueError(
+            f"retrieval_metrics: query dim {query.shape[1]} != gallery dim {gallery.shape[1]}"
+        )
+    if query.device != gallery.device:
+        raise ValueError(f"retrieval_metrics: query on {query.device} but gallery on {gallery.device}")
+    for name, labels, embeddings in (
+        ("query_labels", query_labels, query),
+        ("gallery_labels", gallery_labels, gallery),
+    ):
+        if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
+            raise ValueError(
+                f"retrieval_metrics: {name} must be 1-D with {embeddings.shape[0]} entries "
+                f"(one per row), got shape {tuple(labels.shape)}"
+            )
+        if labels.is_floating_point() or labels.is_complex():
+            raise ValueError(f"retrieval_metrics: {name} must be integer labels, got {labels.dtype}")
+    for name, ks in (("recall_at", recall_at), ("map_at", map_at)):
+        for k in ks:
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                raise ValueError(f"retrieval_metrics: {name} entries must be integers >= 1, got {k!r}")
+    if not recall_at and not map_at:
+        raise ValueError("retrieval_metrics: recall_at and map_at are both empty; nothing to compute")
+    if ap_mode not in AP_MODES:
+        raise ValueError(f"retrieval_metrics: ap_mode must be one of {AP_MODES}, got {ap_mode!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"retrieval_metrics: chunk_size must be an integer >= 1, got {chunk_size!r}")
+
+
+def _count_relevant(query_labels: Tensor, gallery_labels: Tensor) -> Tensor:
+    """(Q,) number of gallery items sharing each query's label, from label counts."""
+    gallery_classes, class_counts = torch.unique(gallery_labels, sorted=True, return_counts=True)
+    position = torch.searchsorted(gallery_classes, query_labels).clamp(max=gallery_classes.numel() - 1)
+    present = gallery_classes[position] == query_labels
+    return torch.where(present, class_counts[position], torch.zeros_like(class_counts[position]))
+
+
+def _top_k_stable(similarity: Tensor, k: int) -> Tensor:
+    """(rows, k) gallery indices by similarity descending, equal similarities by index ascending."""
+    values, indices = torch.topk(similarity, k, dim=1, largest=True, sorted=True)
+    # topk leaves the order of equal values unspecified: put equal values in index order
+    # (sort by index, then a stable sort by value keeps that order among equals).
+    indices, by_index = indices.sort(dim=1)
+    values, by_value = values.gather(1, by_index).sort(dim=1, descending=True, stable=True)
+    indices = indices.gather(1, by_value)
+    # At the k-th value topk may also pick any of several equal items. Only rows where the
+    # k-th value occurs more often in the row than in the top k are affected (duplicated
+    # embeddings, all-zero vectors); those rows alone get a full stable sort.
+    kth_value = values[:, -1:]
+    cut_ties = (similarity == kth_value).sum(dim=1) > (values == kth_value).sum(dim=1)
+    if bool(cut_ties.any()):
+        rows = cut_ties.nonzero().squeeze(1)
+        order = similarity[rows].sort(dim=1, descending=True, stable=True).indices
+        indices[rows] = order[:, :k]
+    return indices
+
+
+def _ap_terms(hits: Tensor, ap_mode: str) -> Tensor:
+    """(rows, k) float64 contribution of each rank to AP; zero where the item is not relevant."""
+    hits = hits.to(torch.float64)
+    hit_count = hits.cumsum(dim=1)  # i: hits up to and including this rank
+    rank = torch.arange(hits.shape[1], dtype=torch.float64, device=hits.device)  # r, 0-based
+    precision = hit_count / (rank + 1)
+    if ap_mode == "IR":
+        return precision * hits
+    # Precision just before the hit: (i - 1) / r, defined as 1 at the first rank.
+    precision_before = torch.where(rank > 0, (hit_count - 1) / rank.clamp(min=1), torch.ones_like(precision))
+    return (precision_before + precision) / 2 * hits
