@@ -1,0 +1,94 @@
+"""Small process-group helpers shared by the launchers and the Trainer.
+
+Global rank 0 does the once-per-job work (snapshots, logs, metrics); LOCAL_RANK only picks the device.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def global_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def local_rank() -> int:
+    """The process's index on its own node; launchers set LOCAL_RANK (torchrun does it for us)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main_process() -> bool:
+    return global_rank() == 0
+
+
+def pick_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
+    """CUDA, else MPS, else CPU for "auto"; a named device that is not there is an error."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device: 'cuda' was requested but no CUDA device is available")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    if requested == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError("device: 'mps' was requested but MPS is not available")
+    return torch.device(requested)
+
+
+def backend_for(device: torch.device) -> str:
+    """nccl moves CUDA tensors; gloo runs everywhere else (CPU, MPS), so every path is testable on a CPU."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def free_port() -> int:
+    """A TCP port that is free now: mp.spawn jobs need their own rendezvous port, never a hard-coded one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def restart_safe_store() -> dist.Store | None:
+    """Under torchrun, a store namespaced per restart attempt; None elsewhere.
+
+    torchrun's c10d rendezvous hands every worker generation the same agent-hosted TCPStore.
+    Gloo's address keys in it are never deleted, so a restarted worker can read the address of a
+    dead peer and fail or hang while connecting (pytorch/pytorch#135712). Prefixing the keys with
+    the restart count gives each attempt a clean namespace.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(
+        host_name=os.environ["MASTER_ADDR"],
+        port=int(os.environ["MASTER_PORT"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        is_master=False,
+        timeout=timedelta(minutes=5),
+        use_libuv=True,
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"attempt_{attempt}", store)
+
+
+def apply_slurm_env() -> None:
+    """srun-only launch (one task per device, no torchrun): take rank and world size from Slurm."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+        return
+    from slurm_env import torch_env_from_slurm
+
+    os.environ.update(torch_env_from_slurm(os.environ))
