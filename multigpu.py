@@ -1,0 +1,54 @@
+"""Step 2 of the series: one machine, one process per GPU, started by mp.spawn.
+
+    python multigpu.py [total_epochs] [save_every] [--batch_size 32] [--nprocs N]
+
+The script sets MASTER_ADDR/MASTER_PORT itself (a free port, so two jobs never collide) and starts
+the processes. Without GPUs, `--nprocs N` runs N CPU processes with the gloo backend.
+"""
+
+import os
+import sys
+
+import torch
+import torch.multiprocessing as mp
+from torch.distributed import destroy_process_group, init_process_group
+
+import distributed
+from config import Config, arg_parser, config_or_exit
+from datautils import load_train_objs, prepare_dataloader
+from trainer import Trainer
+
+
+def ddp_setup(rank: int, world_size: int, port: int, cfg: Config) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    os.environ["LOCAL_RANK"] = str(rank)  # one node: the local rank is the global rank
+    device = distributed.pick_device(cfg.device, rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:  # processes share the CPU cores instead of each using them all
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    init_process_group(backend=distributed.backend_for(device), rank=rank, world_size=world_size)
+
+
+def main(rank: int, world_size: int, port: int, cfg: Config) -> None:
+    ddp_setup(rank, world_size, port, cfg)
+    try:
+        objs = load_train_objs(cfg)
+        train_data = prepare_dataloader(objs.train_set, cfg.batch_size, cfg.num_workers, cfg.seed)
+        trainer = Trainer(cfg, objs.model, train_data, objs.optimizer, objs.lr_schedule,
+                          objs.query_set, objs.gallery_set)
+        code = trainer.train()
+    finally:
+        destroy_process_group()
+    if code:
+        sys.exit(code)
+
+
+if __name__ == "__main__":
+    parser = arg_parser(description=__doc__)
+    parser.add_argument("--nprocs", type=int, default=torch.cuda.device_count() or 2,
+                        help="processes to start (default: one per GPU, or 2 on a CPU)")
+    args = parser.parse_args()
+    cfg = config_or_exit(parser, args)
+    mp.spawn(main, args=(args.nprocs, distributed.free_port(), cfg), nprocs=args.nprocs)

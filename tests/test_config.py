@@ -1,0 +1,99 @@
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+import config
+from config import Config, ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return path
+
+
+def test_demo_config_is_the_default():
+    assert Config(**config.load_toml(ROOT / "configs" / "demo.toml")) == Config()
+
+
+def test_reference_recipe_values():
+    cfg = Config(**config.load_toml(ROOT / "configs" / "inshop_r50.toml"))
+    assert (cfg.arch, cfg.resize, cfg.crop, cfg.batch_size, cfg.total_epochs) == ("resnet50", 512, 448, 32, 50)
+    assert (cfg.lr, cfg.lr_batch_size, cfg.momentum, cfg.weight_decay, cfg.nesterov) == (0.02, 256, 0.9, 5e-4, True)
+    assert (cfg.warmup_epochs, cfg.warmup_factor, cfg.scale, cfg.margin, cfg.sub_centers) == (5, 0.01, 64, 0.5, 1)
+    assert cfg.embedding_dim == 0 and not cfg.easy_margin and cfg.recall_at[0] == 1 and cfg.map_at == (10,)
+
+
+def test_every_config_file_loads():
+    for path in (ROOT / "configs").glob("*.toml"):
+        Config(**config.load_toml(path))
+
+
+def test_precedence_defaults_file_flags_positionals(tmp_path):
+    path = write(tmp_path, "batch_size = 16\nlr = 0.1\ntotal_epochs = 7\nrecall_at = [1, 10]\n")
+    parser = config.arg_parser()
+    cfg = config.from_args(parser.parse_args(["--config", str(path), "--lr", "0.3"]))
+    assert (cfg.batch_size, cfg.lr, cfg.total_epochs, cfg.recall_at) == (16, 0.3, 7, (1, 10))
+    assert cfg.momentum == Config().momentum
+    cfg = config.from_args(parser.parse_args(["5", "2", "--config", str(path), "--total_epochs", "9"]))
+    assert (cfg.total_epochs, cfg.save_every) == (5, 2)
+
+
+def test_dashes_and_underscores_and_bools():
+    parser = config.arg_parser()
+    cfg = config.from_args(parser.parse_args(["--batch-size", "4", "--sync_bn", "true", "--nesterov", "no"]))
+    assert cfg.batch_size == 4 and cfg.sync_bn is True and cfg.nesterov is False
+
+
+def test_dump_and_load_round_trip(tmp_path):
+    cfg = Config(total_epochs=3, out_dir='odd "dir"\\x', recall_at=(1, 2, 3), lr=1e-3, channels_last=True)
+    path = write(tmp_path, config.dump_toml(cfg))
+    assert Config(**config.load_toml(path)) == cfg
+
+
+@pytest.mark.parametrize("text, words", [
+    ("batchsize = 3\n", ["batchsize", "batch_size", "c.toml"]),
+    ("batch_size = 'big'\n", ["batch_size", "integer"]),
+    ("lr = -1\n", ["lr", "> 0"]),
+    ("amp = 'fp8'\n", ["amp", "bf16"]),
+    ("crop = 600\n", ["crop", "resize"]),
+    ("recall_at = []\n", ["recall_at"]),
+    ("arch = 'vgg'\n", ["arch", "resnet50"]),
+    ("lr = [\n", ["c.toml", "TOML"]),
+])
+def test_bad_file_names_the_key(tmp_path, text, words):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        Config(**config.load_toml(path))
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="nope.toml"):
+        config.load_toml(tmp_path / "nope.toml")
+
+
+def test_every_field_has_a_flag():
+    parser = config.arg_parser()
+    options = {s for a in parser._actions for s in a.option_strings}
+    for f in fields(Config):
+        assert f"--{f.name}" in options
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--batchsize", "3"], ["--batchsize", "batch_size"]),
+    (["--lr", "0"], ["lr", "> 0"]),
+    (["--amp", "fp8"], ["amp"]),
+])
+def test_launcher_exits_non_zero_naming_the_key(argv, words):
+    proc = subprocess.run([sys.executable, "single_gpu.py", *argv], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    for word in words:
+        assert word in proc.stderr
