@@ -275,11 +275,10 @@ def _select_backbone_keys(
     trunk_state, ignored = {}, []
     for key, source_key in unwrapped.items():
         prefix = next((p for p in _BACKBONE_PREFIXES if key.startswith(p)), None)
-        belongs_elsewhere = prefix is None if has_prefix else key.startswith("fc.")
-        if belongs_elsewhere:
-            ignored.append(source_key)
-            continue
         trunk_key = key[len(prefix) :] if prefix else key
+        if has_prefix and prefix is None or trunk_key.startswith("fc."):
+            ignored.append(source_key)  # head, neck, classifier: not part of the trunk
+            continue
         if trunk_key in trunk_state:
             raise ValueError(
                 f"{source}: {source_key!r} and {trunk_state[trunk_key][0]!r} both give the "

@@ -1,0 +1,214 @@
+"""RetrievalModel shapes, pooling math, and loading backbone / mmpretrain checkpoints (offline)."""
+
+import urllib.error
+import warnings
+
+import pytest
+import torch
+import torchvision
+
+from arcface import model as model_module
+from arcface.model import GeM, build_model, load_mmpretrain_retriever, read_state_dict
+
+NUM_CLASSES = 5
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def torchvision_state() -> dict[str, torch.Tensor]:
+    """A torchvision resnet18 state dict with non-default values, so a copy is recognisable."""
+    torch.manual_seed(1)
+    resnet = torchvision.models.resnet18(weights=None)
+    with torch.no_grad():
+        for bn in (m for m in resnet.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+    return resnet.state_dict()
+
+
+def assert_backbone_equals(model, state: dict[str, torch.Tensor]) -> None:
+    loaded = model.backbone.state_dict()
+    assert set(loaded) == {key for key in state if not key.startswith("fc.")}
+    for key, tensor in loaded.items():
+        assert torch.equal(tensor, state[key]), key
+
+
+@pytest.mark.parametrize(
+    "pooling, embedding_dim, expected_dim",
+    [("avg", None, 512), ("gem", None, 512), ("avg", 32, 32), ("gem", 16, 16)],
+)
+def test_output_shapes(images, pooling, embedding_dim, expected_dim):
+    model = build_model(NUM_CLASSES, "resnet18", pooling=pooling, embedding_dim=embedding_dim)
+    labels = torch.tensor([0, 4])
+    assert model.embedding_dim == expected_dim
+    assert model.embed(images).shape == (2, expected_dim)
+    assert model(images).shape == (2, expected_dim)
+    logits = model(images, labels)
+    assert logits.shape == (2, NUM_CLASSES)
+    # One forward with labels reaches every trainable parameter (what DDP requires).
+    torch.nn.functional.cross_entropy(logits, labels).backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_backbone_keys_and_features_equal_torchvision(images, torchvision_state):
+    model = build_model(NUM_CLASSES, "resnet18")
+    model.backbone.load_state_dict({k: v for k, v in torchvision_state.items() if not k.startswith("fc.")})
+    resnet = torchvision.models.resnet18(weights=None)
+    resnet.load_state_dict(torchvision_state)
+    resnet.fc = torch.nn.Identity()  # torchvision's own pooled feature
+    model.eval()
+    resnet.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.embed(images), resnet(images))
+    assert "backbone.layer1.0.conv1.weight" in model.state_dict()
+    assert not any(key.startswith(("backbone.fc", "backbone.avgpool")) for key in model.state_dict())
+
+
+def test_gem_matches_closed_form_and_learns_p():
+    x = torch.rand(2, 3, 4, 5, generator=torch.Generator().manual_seed(0))
+    gem = GeM()
+    assert gem.p.shape == (1,) and gem.p.item() == 3.0
+    expected = (x.double().clamp(min=1e-6) ** 3).mean(dim=(2, 3)) ** (1 / 3)
+    torch.testing.assert_close(gem(x).double(), expected)
+    with torch.no_grad():
+        gem.p.fill_(1.0)
+    torch.testing.assert_close(gem(x), x.mean(dim=(2, 3)))
+    gem(x).sum().backward()
+    assert gem.p.grad is not None and torch.isfinite(gem.p.grad).all()
+
+
+def test_gem_is_float32_under_autocast():
+    x = torch.rand(1, 2, 3, 3) * 60  # 60^3 overflows float16
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        pooled = GeM()(x.bfloat16())
+    assert pooled.dtype == torch.float32 and torch.isfinite(pooled).all()
+
+
+def test_build_model_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="arch: expected one of resnet18"):
+        build_model(NUM_CLASSES, "vgg16")
+    with pytest.raises(ValueError, match="pooling: expected 'avg' or 'gem'"):
+        build_model(NUM_CLASSES, "resnet18", pooling="max")
+    with pytest.raises(ValueError, match="embedding_dim"):
+        build_model(NUM_CLASSES, "resnet18", embedding_dim=0)
+
+
+def test_load_wrapped_prefixed_checkpoint_reproduces_weights(tmp_path, torchvision_state):
+    wrapped = {"module.backbone." + key: value for key, value in torchvision_state.items()}
+    wrapped["module.head.weight"] = torch.randn(NUM_CLASSES, 512)
+    wrapped["module.neck.p"] = torch.tensor([3.0])
+    assert "module.backbone.fc.weight" in wrapped  # a whole classifier saved as the backbone
+    path = tmp_path / "ddp_snapshot.pth"
+    torch.save({"state_dict": wrapped, "epoch": 3}, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a complete backbone loads without a report
+        model = build_model(NUM_CLASSES, "resnet18", pretrained=str(path))
+    assert_backbone_equals(model, torchvision_state)
+    # head.* was not taken from the file: it is a backbone load
+    assert not torch.equal(model.head.weight, wrapped["module.head.weight"])
+
+
+def test_plain_torchvision_state_dict_drops_fc(tmp_path, torchvision_state):
+    path = tmp_path / "resnet18.pth"
+    torch.save(torchvision_state, path)
+    model = build_model(NUM_CLASSES, "resnet18")
+    report = model_module.load_pretrained_backbone(model.backbone, "resnet18", path)
+    assert_backbone_equals(model, torchvision_state)
+    assert report.missing_keys == [] and report.unexpected_keys == []
+    assert report.ignored_keys == ["fc.bias", "fc.weight"]
+
+
+def test_missing_and_unexpected_keys_are_reported(tmp_path, torchvision_state):
+    state = dict(torchvision_state)
+    del state["layer4.1.bn2.weight"]
+    state["layer5.0.conv1.weight"] = torch.zeros(1)
+    path = tmp_path / "partial.pth"
+    torch.save({"model": state}, path)
+    model = build_model(NUM_CLASSES, "resnet18")
+    with pytest.warns(UserWarning, match=r"1 missing keys \[layer4\.1\.bn2\.weight\]"):
+        report = model_module.load_pretrained_backbone(model.backbone, "resnet18", path)
+    assert report.missing_keys == ["layer4.1.bn2.weight"]
+    assert report.unexpected_keys == ["layer5.0.conv1.weight"]
+    assert torch.equal(model.backbone.conv1.weight, state["conv1.weight"])
+
+
+def test_shape_mismatch_names_key_and_both_shapes(tmp_path, torchvision_state):
+    state = {"backbone." + key: value for key, value in torchvision_state.items()}
+    state["backbone.layer2.0.conv1.weight"] = torch.zeros(128, 64, 1, 1)
+    path = tmp_path / "wrong.pth"
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"wrong\.pth: 'backbone\.layer2\.0\.conv1\.weight' has "
+                       r"shape \(128, 64, 1, 1\).*\(128, 64, 3, 3\)"):
+        build_model(NUM_CLASSES, "resnet18", pretrained=str(path))
+
+
+def test_files_that_are_not_checkpoints(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint\n")
+    with pytest.raises(ValueError, match=r"notes\.txt: not a PyTorch checkpoint"):
+        read_state_dict(text)
+    with pytest.raises(FileNotFoundError, match=r"absent\.pth"):
+        read_state_dict(tmp_path / "absent.pth")
+    mixed = tmp_path / "mixed.pth"
+    torch.save({"conv1.weight": torch.zeros(1), "lr": 0.1}, mixed)
+    with pytest.raises(ValueError, match=r"mixed\.pth: .*key 'lr' holds a float"):
+        read_state_dict(mixed)
+
+
+@pytest.mark.parametrize("arch, version", [("resnet18", "V1"), ("resnet50", "V2")])
+def test_imagenet_download_failure_explains_the_local_file_route(monkeypatch, arch, version):
+    requested = []
+
+    def no_network(url, *args, **kwargs):
+        requested.append(url)
+        raise urllib.error.URLError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    with pytest.raises(RuntimeError, match=r"could not download .*pretrained=/path/to/resnet"):
+        model_module.imagenet_state_dict(arch)
+    weights = getattr(torchvision.models, f"ResNet{arch[6:]}_Weights")[f"IMAGENET1K_{version}"]
+    assert requested == [weights.url]
+    if arch == "resnet18":
+        with pytest.raises(RuntimeError, match="name resolution"):
+            build_model(NUM_CLASSES, arch, pretrained="imagenet")
+
+
+def mmpretrain_checkpoint(torchvision_state, rows, layout="backbone"):
+    """What an mmpretrain ArcFace checkpoint holds (mmengine's `meta` + `state_dict`)."""
+    prefix = "backbone." if layout == "backbone" else "image_encoder.0."
+    state = {prefix + key: value for key, value in torchvision_state.items() if not key.startswith("fc.")}
+    state["head.norm_product.weight"] = torch.randn(rows, 512, generator=torch.Generator().manual_seed(2))
+    state["data_preprocessor.mean"] = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
+    return {"meta": {"epoch": 50, "mmpretrain_version": "1.0.0"}, "state_dict": state}
+
+
+@pytest.mark.parametrize("layout", ["backbone", "image_encoder"])
+def test_mmpretrain_checkpoint_loads_backbone_and_head(tmp_path, torchvision_state, layout):
+    sub_centers = 2
+    checkpoint = mmpretrain_checkpoint(torchvision_state, NUM_CLASSES * sub_centers, layout)
+    path = tmp_path / "arcface_inshop.pth"
+    torch.save(checkpoint, path)
+    model = build_model(NUM_CLASSES, "resnet18", sub_centers=sub_centers)
+    load_mmpretrain_retriever(model, path)
+    assert_backbone_equals(model, torchvision_state)
+    assert torch.equal(model.head.weight, checkpoint["state_dict"]["head.norm_product.weight"])
+
+
+def test_mmpretrain_checkpoint_errors(tmp_path, torchvision_state):
+    path = tmp_path / "arcface_inshop.pth"
+    torch.save(mmpretrain_checkpoint(torchvision_state, rows=NUM_CLASSES), path)
+    with pytest.raises(ValueError, match=r"arcface_inshop\.pth: 'head\.weight' has shape "
+                       r"\(5, 512\) in the file but \(15, 512\)"):
+        load_mmpretrain_retriever(build_model(NUM_CLASSES, "resnet18", sub_centers=3), path)
+    with pytest.raises(ValueError, match=r"missing \[embedding\.0\.weight.*embedding_dim=None"):
+        load_mmpretrain_retriever(build_model(NUM_CLASSES, "resnet18", embedding_dim=8), path)
+    checkpoint = mmpretrain_checkpoint(torchvision_state, rows=NUM_CLASSES)
+    del checkpoint["state_dict"]["backbone.layer3.0.bn1.running_var"]
+    torch.save(checkpoint, path)
+    with pytest.raises(ValueError, match=r"missing \[backbone\.layer3\.0\.bn1\.running_var\]"):
+        load_mmpretrain_retriever(build_model(NUM_CLASSES, "resnet18"), path)
