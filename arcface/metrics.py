@@ -147,22 +147,24 @@ def _count_relevant(query_labels: Tensor, gallery_labels: Tensor) -> Tensor:
 
 def _top_k_stable(similarity: Tensor, k: int) -> Tensor:
     """(rows, k) gallery indices by similarity descending, equal similarities by index ascending."""
-    values, indices = torch.topk(similarity, k, dim=1, largest=True, sorted=True)
+    # One extra value shows whether the k-th place is tied with the next one.
+    num_values = min(k + 1, similarity.shape[1])
+    values, indices = torch.topk(similarity, num_values, dim=1, largest=True, sorted=True)
     # topk leaves the order of equal values unspecified: put equal values in index order
     # (sort by index, then a stable sort by value keeps that order among equals).
-    indices, by_index = indices.sort(dim=1)
-    values, by_value = values.gather(1, by_index).sort(dim=1, descending=True, stable=True)
-    indices = indices.gather(1, by_value)
-    # At the k-th value topk may also pick any of several equal items. Only rows where the
-    # k-th value occurs more often in the row than in the top k are affected (duplicated
-    # embeddings, all-zero vectors); those rows alone get a full stable sort.
-    kth_value = values[:, -1:]
-    cut_ties = (similarity == kth_value).sum(dim=1) > (values == kth_value).sum(dim=1)
-    if bool(cut_ties.any()):
-        rows = cut_ties.nonzero().squeeze(1)
-        order = similarity[rows].sort(dim=1, descending=True, stable=True).indices
-        indices[rows] = order[:, :k]
-    return indices
+    indices, by_index = indices[:, :k].sort(dim=1)
+    by_value = values[:, :k].gather(1, by_index).sort(dim=1, descending=True, stable=True).indices
+    top_indices = indices.gather(1, by_value)
+    # When the k-th value equals the (k+1)-th, topk may have kept either of the tied items.
+    # That needs duplicated embeddings (or all-zero vectors), so those rows alone get a full
+    # stable sort.
+    if num_values > k:
+        cut_ties = values[:, k - 1] == values[:, k]
+        if bool(cut_ties.any()):
+            rows = cut_ties.nonzero().squeeze(1)
+            order = similarity[rows].sort(dim=1, descending=True, stable=True).indices
+            top_indices[rows] = order[:, :k]
+    return top_indices
 
 
 def _ap_terms(hits: Tensor, ap_mode: str) -> Tensor:

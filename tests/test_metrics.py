@@ -130,6 +130,23 @@ def test_equal_similarities_are_ordered_by_gallery_index():
     assert metrics["mAP@5"] == pytest.approx(_percent(Fraction(19, 40)), rel=1e-12)
 
 
+def test_ties_across_the_top_k_cut_keep_the_lowest_indices():
+    # 50 identical gallery vectors, so top-3 must choose among 50 equal items (torch.topk alone
+    # may return any of them). Index order puts indices 0, 1, 2 in the top 3.
+    gallery = torch.ones(50, 4)
+    gallery_labels = torch.full((50,), 3)
+    gallery_labels[1] = 7
+    query = torch.ones(2, 4)
+    query_labels = torch.tensor([7, 3])
+    metrics = retrieval_metrics(query, gallery, query_labels, gallery_labels, recall_at=(1, 2), map_at=(3,))
+    # q0 (label 7): single relevant item at rank 1 -> recall@1 miss, recall@2 hit, AP@3 = (1/2)/1
+    # q1 (label 3): relevant at ranks 0 and 2, R = 49 -> AP@3 = (1/1 + 2/3)/49 = 5/147
+    assert metrics["recall@1"] == pytest.approx(50.0)
+    assert metrics["recall@2"] == pytest.approx(100.0)
+    expected_map = (Fraction(1, 2) + Fraction(5, 147)) / 2
+    assert metrics["mAP@3"] == pytest.approx(_percent(expected_map), rel=1e-12)
+
+
 def test_k_larger_than_gallery_counts_every_item():
     query, gallery, query_labels, gallery_labels = _hand_ranked_problem()
     metrics = retrieval_metrics(query[:3], gallery, query_labels[:3], gallery_labels, recall_at=(100,), map_at=(100,))
