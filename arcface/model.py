@@ -126,7 +126,9 @@ def build_model(
     if pooling not in ("avg", "gem"):
         raise ValueError(f"pooling: expected 'avg' or 'gem', got {pooling!r}")
     if embedding_dim is not None and (not isinstance(embedding_dim, int) or embedding_dim < 1):
-        raise ValueError(f"embedding_dim: expected a positive integer or None, got {embedding_dim!r}")
+        raise ValueError(
+            f"embedding_dim: expected a positive integer or None, got {embedding_dim!r}"
+        )
     resnet = _RESNETS[arch](weights=None)
     pooled_dim = resnet.fc.in_features
     backbone = resnet_trunk(resnet)
@@ -253,7 +255,9 @@ def load_backbone_state(
     result = backbone.load_state_dict(
         {key: tensor for key, (_, tensor) in trunk_state.items()}, strict=False
     )
-    report = BackboneLoadReport(sorted(result.missing_keys), sorted(result.unexpected_keys), ignored)
+    report = BackboneLoadReport(
+        sorted(result.missing_keys), sorted(result.unexpected_keys), ignored
+    )
     if report.missing_keys or report.unexpected_keys:
         warnings.warn(
             f"{source}: backbone weights loaded with {len(report.missing_keys)} missing keys "

@@ -94,7 +94,9 @@ def test_sub_center_cosine_is_max_over_rows_c_times_k_plus_j():
         return max(math.cos(math.radians(20 - angles[r])) for r in rows)
 
     expected_cos = [nearest_cos([0, 1, 2]), nearest_cos([3, 4, 5])]  # 20 deg and 25 deg
-    torch.testing.assert_close(head.cosine(feature), torch.tensor([expected_cos]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        head.cosine(feature), torch.tensor([expected_cos]), atol=1e-6, rtol=0
+    )
     logits = head(feature, torch.tensor([1]))
     expected = [S * expected_cos[0], S * math.cos(math.acos(expected_cos[1]) + M)]
     torch.testing.assert_close(logits, torch.tensor([expected]), atol=1e-4, rtol=0)
@@ -253,7 +255,8 @@ def test_loss_and_gradients_match_float64_reference(k, easy_margin):
     # away from their class, so that the margin and its fallback branch are both taken.
     class_directions = torch.randn(classes, dim)
     with torch.no_grad():
-        head.weight.copy_(class_directions.repeat_interleave(k, 0) + 0.15 * torch.randn(classes * k, dim))
+        sub_center_noise = 0.15 * torch.randn(classes * k, dim)
+        head.weight.copy_(class_directions.repeat_interleave(k, 0) + sub_center_noise)
         features[: n // 3] = -class_directions[labels[: n // 3]] + 0.05 * torch.randn(n // 3, dim)
     features.requires_grad_(True)
     weight64 = head.weight.detach().double().requires_grad_(True)

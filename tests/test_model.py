@@ -57,7 +57,8 @@ def test_output_shapes(images, pooling, embedding_dim, expected_dim):
 
 def test_backbone_keys_and_features_equal_torchvision(images, torchvision_state):
     model = build_model(NUM_CLASSES, "resnet18")
-    model.backbone.load_state_dict({k: v for k, v in torchvision_state.items() if not k.startswith("fc.")})
+    trunk_state = {k: v for k, v in torchvision_state.items() if not k.startswith("fc.")}
+    model.backbone.load_state_dict(trunk_state)
     resnet = torchvision.models.resnet18(weights=None)
     resnet.load_state_dict(torchvision_state)
     resnet.fc = torch.nn.Identity()  # torchvision's own pooled feature
@@ -66,7 +67,8 @@ def test_backbone_keys_and_features_equal_torchvision(images, torchvision_state)
     with torch.no_grad():
         torch.testing.assert_close(model.embed(images), resnet(images))
     assert "backbone.layer1.0.conv1.weight" in model.state_dict()
-    assert not any(key.startswith(("backbone.fc", "backbone.avgpool")) for key in model.state_dict())
+    keys = model.state_dict()
+    assert not any(key.startswith(("backbone.fc", "backbone.avgpool")) for key in keys)
 
 
 def test_gem_matches_closed_form_and_learns_p():
@@ -181,8 +183,9 @@ def test_imagenet_download_failure_explains_the_local_file_route(monkeypatch, ar
 def mmpretrain_checkpoint(torchvision_state, rows, layout="backbone"):
     """What an mmpretrain ArcFace checkpoint holds (mmengine's `meta` + `state_dict`)."""
     prefix = "backbone." if layout == "backbone" else "image_encoder.0."
-    state = {prefix + key: value for key, value in torchvision_state.items() if not key.startswith("fc.")}
-    state["head.norm_product.weight"] = torch.randn(rows, 512, generator=torch.Generator().manual_seed(2))
+    state = {prefix + k: v for k, v in torchvision_state.items() if not k.startswith("fc.")}
+    generator = torch.Generator().manual_seed(2)
+    state["head.norm_product.weight"] = torch.randn(rows, 512, generator=generator)
     state["data_preprocessor.mean"] = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
     return {"meta": {"epoch": 50, "mmpretrain_version": "1.0.0"}, "state_dict": state}
 
