@@ -31,9 +31,10 @@ class MyTrainDataset(Dataset):
     (The tutorial's version pairs random inputs with a one-column target, so its model never learns.)
     """
 
-    def __init__(self, size: int, in_features: int = 20, num_classes: int = 4, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
-        centres = 3.0 * torch.randn(num_classes, in_features, generator=g)
+    def __init__(self, size: int, in_features: int = 20, num_classes: int = 4, seed: int = 0,
+                 split: int = 0):
+        centres = 3.0 * torch.randn(num_classes, in_features, generator=torch.Generator().manual_seed(seed))
+        g = torch.Generator().manual_seed(seed * 7919 + split + 1)  # another split: other samples, same classes
         self.labels = torch.randint(num_classes, (size,), generator=g)
         self.data = centres[self.labels] + torch.randn(size, in_features, generator=g)
         self.num_classes = num_classes
@@ -67,11 +68,17 @@ def load_train_objs(cfg: Config) -> TrainObjects:
         pooling=cfg.pooling, embedding_dim=cfg.embedding_dim or None, scale=cfg.scale,
         margin=cfg.margin_file or cfg.margin, sub_centers=cfg.sub_centers, easy_margin=cfg.easy_margin,
     )
+    optimizer, schedule, steps = make_optimizer(cfg, model, len(train_set))
+    return TrainObjects(train_set, query_set, gallery_set, model, optimizer, schedule, steps)
+
+
+def make_optimizer(cfg: Config, model: nn.Module, num_train: int) -> tuple[torch.optim.Optimizer, np.ndarray, int]:
+    """SGD and its per-step learning rates for this world size: (optimizer, lr_schedule, steps_per_epoch)."""
     world = distributed.world_size()
-    steps = steps_per_epoch(len(train_set), world, cfg.batch_size, cfg.grad_accum_steps)
+    steps = steps_per_epoch(num_train, world, cfg.batch_size, cfg.grad_accum_steps)
     if steps == 0:
         raise ValueError(
-            f"batch_size: {len(train_set)} training images are too few for batch_size {cfg.batch_size} "
+            f"batch_size: {num_train} training images are too few for batch_size {cfg.batch_size} "
             f"x {world} processes x grad_accum_steps {cfg.grad_accum_steps}"
         )
     # Linear scaling rule: lr is given for a total batch of lr_batch_size images.
@@ -79,7 +86,7 @@ def load_train_objs(cfg: Config) -> TrainObjects:
     optimizer = torch.optim.SGD(model.parameters(), lr=base_lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay, nesterov=cfg.nesterov and cfg.momentum > 0)
     schedule = lr_schedule(base_lr, cfg.total_epochs, steps, cfg.warmup_epochs, cfg.warmup_factor, cfg.min_lr)
-    return TrainObjects(train_set, query_set, gallery_set, model, optimizer, schedule, steps)
+    return optimizer, schedule, steps
 
 
 def synthetic_root(cfg: Config) -> Path:
@@ -177,7 +184,3 @@ def prepare_dataloader(dataset: Dataset, batch_size: int, num_workers: int = 0, 
         drop_last=True,  # BatchNorm and the margin loss want full batches
         persistent_workers=num_workers > 0,
     )
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,234 @@
+import json
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import distributed
+import trainer as trainer_module
+from datautils import EpochSampler, MyTrainDataset, lr_schedule, steps_per_epoch
+from toy import init_gloo, toy_config, toy_trainer
+from trainer import SnapshotMismatch, Trainer, load_snapshot
+
+
+def read_lines(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_epochs(lines: list[dict]) -> list[int]:
+    return [r["epoch"] for r in lines if "loss" in r]
+
+
+def assert_same_weights(a: dict, b: dict, tol: float = 0.0) -> None:
+    """Equal weights; `tol` (relative and absolute) allows for another float summation order."""
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=tol, atol=tol, msg=key)
+
+
+# ---------------------------------------------------------------------------------------
+# Schedule and sampler
+
+
+def test_lr_schedule_warmup_then_cosine():
+    lrs = lr_schedule(1.0, epochs=10, steps_per_epoch=10, warmup_epochs=2, warmup_factor=0.01, min_lr=0.1)
+    assert len(lrs) == 100
+    assert lrs[0] == pytest.approx(0.01)
+    assert lrs[10] == pytest.approx(0.01 + 0.99 * 10 / 20)  # linear ramp, halfway
+    assert lrs[20] == pytest.approx(1.0)  # the cosine starts at the full rate
+    assert lrs[60] == pytest.approx(0.1 + 0.45 * (1 + np.cos(np.pi * 40 / 80)))
+    assert np.all(np.diff(lrs[20:]) <= 0) and lrs[-1] > 0.1
+
+
+def test_steps_per_epoch_matches_loader_length():
+    for n, world, batch in [(64, 1, 8), (65, 2, 4), (7, 2, 3), (100, 3, 7)]:
+        ds = MyTrainDataset(n)
+        lengths = {len(torch.utils.data.DataLoader(ds, batch_size=batch, drop_last=True,
+                                                   sampler=EpochSampler(ds, world, r))) for r in range(world)}
+        assert lengths == {steps_per_epoch(n, world, batch)}
+
+
+def test_sampler_shards_cover_the_epoch_and_resume_mid_epoch():
+    ds = MyTrainDataset(10)
+    shards = [EpochSampler(ds, 2, r, seed=3) for r in range(2)]
+    for s in shards:
+        s.set_epoch(5)
+    keys = [list(s) for s in shards]
+    assert sorted(i for k in keys for i, _ in k) == list(range(10))
+    # the seed of a sample depends on (seed, epoch, index) only, not on the rank
+    one = EpochSampler(ds, 1, 0, seed=3)
+    one.set_epoch(5)
+    assert dict(list(one)) == dict(keys[0] + keys[1])
+    shards[0].set_epoch(5, start=2)
+    assert list(shards[0]) == keys[0][2:] and len(shards[0]) == 3
+
+
+# ---------------------------------------------------------------------------------------
+# Single process: resume, crash safety, mismatches
+
+
+def test_training_learns_and_logs(tmp_path):
+    t = toy_trainer(toy_config(tmp_path))
+    assert t.train() == 0
+    lines = read_lines(tmp_path)
+    assert train_epochs(lines) == [1, 2, 3, 4]
+    evals = [r for r in lines if "recall@1" in r]
+    assert [r["epoch"] for r in evals] == [0, 2, 4]
+    assert lines[1]["loss"] > lines[-2]["loss"]
+    assert all(k in evals[-1] for k in ("recall@1", "recall@5", "mAP@10"))
+    assert (tmp_path / "config.toml").exists() and (tmp_path / "snapshot.pt").exists()
+
+
+def test_stop_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    full = toy_trainer(toy_config(tmp_path / "full"))
+    full.train()
+
+    original = Trainer._run_epoch
+
+    def crash_in_third_epoch(self, epoch):
+        if epoch == 2:
+            raise RuntimeError("simulated crash")
+        return original(self, epoch)
+
+    monkeypatch.setattr(Trainer, "_run_epoch", crash_in_third_epoch)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        toy_trainer(toy_config(tmp_path / "resumed")).train()
+    assert load_snapshot(tmp_path / "resumed" / "snapshot.pt")["epochs_run"] == 2
+    monkeypatch.setattr(Trainer, "_run_epoch", original)
+    resumed = toy_trainer(toy_config(tmp_path / "resumed"))
+    assert resumed.epochs_run == 2
+    resumed.train()
+
+    assert_same_weights(full.raw_model.state_dict(), resumed.raw_model.state_dict())
+    a, b = full.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    for key in a:
+        torch.testing.assert_close(a[key]["momentum_buffer"], b[key]["momentum_buffer"], rtol=0, atol=0)
+    assert train_epochs(read_lines(tmp_path / "resumed")) == [1, 2, 3, 4]
+    strip = lambda lines: [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in lines]
+    assert strip(read_lines(tmp_path / "resumed")) == strip(read_lines(tmp_path / "full"))
+
+
+def test_signal_stops_mid_epoch_and_resume_is_exact(tmp_path, monkeypatch):
+    full = toy_trainer(toy_config(tmp_path / "full"))
+    full.train()
+
+    original = Trainer._run_batch
+    calls = {"n": 0}
+
+    def signal_on_eleventh_batch(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 11:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return original(self, *args)
+
+    monkeypatch.setattr(Trainer, "_run_batch", signal_on_eleventh_batch)
+    stopped = toy_trainer(toy_config(tmp_path / "run"))
+    assert stopped.train() == 128 + signal.SIGUSR1
+    snap = load_snapshot(tmp_path / "run" / "snapshot.pt")
+    assert (snap["epochs_run"], snap["step_in_epoch"]) == (1, 3)  # 8 steps per epoch: batch 11 is step 3 of epoch 2
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # handlers restored after train()
+    monkeypatch.setattr(Trainer, "_run_batch", original)
+    resumed = toy_trainer(toy_config(tmp_path / "run"))
+    assert resumed.train() == 0
+    assert_same_weights(full.raw_model.state_dict(), resumed.raw_model.state_dict())
+    assert train_epochs(read_lines(tmp_path / "run")) == [1, 2, 3, 4]
+
+
+def test_crash_while_writing_snapshot_keeps_the_previous_one(tmp_path, monkeypatch):
+    t = toy_trainer(toy_config(tmp_path, total_epochs=2))
+    t.train()
+    before = load_snapshot(tmp_path / "snapshot.pt")
+
+    def half_written(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", half_written)
+    with pytest.raises(OSError, match="disk full"):
+        t._save_snapshot()
+    after = load_snapshot(tmp_path / "snapshot.pt")
+    assert after["epochs_run"] == before["epochs_run"] == 2
+    assert_same_weights(after["model"], before["model"])
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_snapshot_from_another_model_is_refused(tmp_path):
+    toy_trainer(toy_config(tmp_path, total_epochs=1)).train()
+    with pytest.raises(SnapshotMismatch, match="arch"):
+        toy_trainer(toy_config(tmp_path, total_epochs=1, arch="resnet50"))
+    snap = load_snapshot(tmp_path / "snapshot.pt")
+    snap["num_classes"] = 7
+    torch.save(snap, tmp_path / "snapshot.pt")
+    with pytest.raises(SnapshotMismatch, match="num_classes"):
+        toy_trainer(toy_config(tmp_path, total_epochs=1))
+    (tmp_path / "snapshot.pt").write_bytes(b"not a snapshot")
+    with pytest.raises(SnapshotMismatch, match="snapshot.pt"):
+        toy_trainer(toy_config(tmp_path, total_epochs=1))
+
+
+def test_non_finite_loss_stops_naming_epoch_and_step(tmp_path, monkeypatch):
+    t = toy_trainer(toy_config(tmp_path, total_epochs=3))
+    original = t.raw_model.forward
+    calls = {"n": 0}
+
+    def poisoned(x, labels=None):
+        out = original(x, labels)
+        if labels is not None:
+            calls["n"] += 1
+            if calls["n"] == 13:
+                out = out * float("nan")
+        return out
+
+    monkeypatch.setattr(t.raw_model, "forward", poisoned)
+    with pytest.raises(FloatingPointError, match="epoch 2 step 5"):
+        t.train()
+    assert load_snapshot(tmp_path / "snapshot.pt")["epochs_run"] == 1  # the last good one
+
+
+def test_gradient_accumulation_equals_the_large_batch(tmp_path):
+    big = toy_trainer(toy_config(tmp_path / "big", batch_size=8, total_epochs=2))
+    big.train()
+    accum = toy_trainer(toy_config(tmp_path / "accum", batch_size=4, grad_accum_steps=2, total_epochs=2))
+    accum.train()
+    # same samples per optimizer step, same lr; only float summation order differs
+    assert_same_weights(big.raw_model.state_dict(), accum.raw_model.state_dict(), tol=1e-5)
+
+
+def test_clipping_and_bf16_run_on_cpu(tmp_path):
+    t = toy_trainer(toy_config(tmp_path, total_epochs=1, clip_grad_norm=0.01, amp="bf16"))
+    assert t.amp_dtype == torch.bfloat16
+    before = {k: v.clone() for k, v in t.raw_model.state_dict().items()}
+    t.train()
+    moved = max((t.raw_model.state_dict()[k] - before[k]).abs().max().item() for k in before)
+    assert 0 < moved
+
+
+# ---------------------------------------------------------------------------------------
+# Two processes
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str, batch_size: int) -> None:
+    init_gloo(rank, world_size, port)
+    try:
+        t = toy_trainer(toy_config(out_dir, batch_size=batch_size, total_epochs=2))
+        t.train()
+        if rank == 0:
+            torch.save(t.raw_model.state_dict(), Path(out_dir) / "final.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_processes_equal_one_process_on_the_same_global_batch(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, distributed.free_port(), str(tmp_path / "ddp"), 4), nprocs=2)
+    single = toy_trainer(toy_config(tmp_path / "single", batch_size=8, total_epochs=2))
+    single.train()
+    ddp_state = torch.load(tmp_path / "ddp" / "final.pt", weights_only=True)
+    assert_same_weights(single.raw_model.state_dict(), ddp_state, tol=1e-5)
+    evals = lambda d: [r for r in read_lines(d) if "recall@1" in r]
+    for a, b in zip(evals(tmp_path / "ddp"), evals(tmp_path / "single")):
+        assert a["recall@1"] == pytest.approx(b["recall@1"]) and a["mAP@10"] == pytest.approx(b["mAP@10"], abs=1e-4)

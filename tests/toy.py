@@ -1,0 +1,51 @@
+"""A tiny retrieval job for Trainer tests: linear embedding + ArcFace head on Gaussian clusters."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from arcface.head import ArcFaceHead
+from config import Config
+from datautils import MyTrainDataset, make_optimizer, prepare_dataloader
+from trainer import Trainer
+
+
+class ToyModel(nn.Module):
+    def __init__(self, in_features: int = 20, dim: int = 8, num_classes: int = 4):
+        super().__init__()
+        self.embedding = nn.Linear(in_features, dim)
+        self.head = ArcFaceHead(dim, num_classes, scale=16.0, margin=0.2)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embedding(x)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        features = self.embed(x)
+        return features if labels is None else self.head(features, labels)
+
+
+def toy_config(out_dir: str, **changes) -> Config:
+    values = dict(total_epochs=4, save_every=1, eval_every=2, out_dir=str(out_dir), device="cpu",
+                  amp="off", num_workers=0, batch_size=8, eval_batch_size=16, log_every=1,
+                  warmup_epochs=1.0, lr=0.5, lr_batch_size=8)
+    values.update(changes)
+    return Config(**values)
+
+
+def toy_trainer(cfg: Config, train_size: int = 64) -> Trainer:
+    torch.manual_seed(0)  # the same initial weights in every process and every run
+    model = ToyModel()
+    train_set = MyTrainDataset(train_size, seed=1, split=0)
+    query_set, gallery_set = MyTrainDataset(15, seed=1, split=1), MyTrainDataset(21, seed=1, split=2)
+    optimizer, schedule, _ = make_optimizer(cfg, model, len(train_set))
+    loader = prepare_dataloader(train_set, cfg.batch_size, cfg.num_workers, cfg.seed)
+    return Trainer(cfg, model, loader, optimizer, schedule, query_set, gallery_set)
+
+
+def init_gloo(rank: int, world_size: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
