@@ -43,10 +43,13 @@ def retrieval_metrics(
     compute_dtype = torch.promote_types(query.dtype, torch.float32)
     query_labels = query_labels.to(query.device)
     gallery_labels = gallery_labels.to(query.device)
-    gallery_unit = F.normalize(gallery.to(compute_dtype), dim=1)
     num_relevant = _count_relevant(query_labels, gallery_labels)  # (Q,) R of each query
-    top_k = min(max((*recall_at, *map_at)), gallery.shape[0])
+    num_queries = int((num_relevant > 0).sum())
+    num_skipped = query.shape[0] - num_queries
+    _check_answerable(num_queries, num_skipped)
 
+    gallery_unit = F.normalize(gallery.to(compute_dtype), dim=1)
+    top_k = min(max((*recall_at, *map_at)), gallery.shape[0])
     recall_hits = {k: 0 for k in recall_at}
     ap_sums = {k: 0.0 for k in map_at}
     for start in range(0, query.shape[0], chunk_size):
@@ -54,7 +57,7 @@ def retrieval_metrics(
         query_unit = F.normalize(query[start:stop].to(compute_dtype), dim=1)
         similarity = torch.mm(query_unit, gallery_unit.T)  # (chunk, G)
         ranked = _top_k_stable(similarity, top_k)  # (chunk, top_k) gallery indices
-        del similarity
+        del similarity  # freed before the next chunk's matrix is allocated
         hits = gallery_labels[ranked] == query_labels[start:stop, None]  # (chunk, top_k)
         chunk_relevant = num_relevant[start:stop]
         evaluated = chunk_relevant > 0
@@ -65,19 +68,6 @@ def retrieval_metrics(
             ap = ap_terms[:, :k].sum(dim=1) / chunk_relevant.clamp(min=1)
             ap_sums[k] += float(ap[evaluated].sum())
 
-    num_queries = int((num_relevant > 0).sum())
-    num_skipped = query.shape[0] - num_queries
-    if num_queries == 0:
-        raise ValueError(
-            "retrieval_metrics: no query has a relevant gallery item (no query label occurs in "
-            "gallery_labels); expected query and gallery labels to share one numbering"
-        )
-    if num_skipped:
-        warnings.warn(
-            f"retrieval_metrics: {num_skipped} of {query.shape[0]} queries have no relevant "
-            "gallery item; they are excluded from every metric",
-            stacklevel=2,
-        )
     metrics: dict[str, float] = {}
     for k in recall_at:
         metrics[f"recall@{k}"] = 100.0 * recall_hits[k] / num_queries
@@ -135,6 +125,20 @@ def _check_inputs(
         raise ValueError(f"retrieval_metrics: ap_mode must be one of {AP_MODES}, got {ap_mode!r}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"retrieval_metrics: chunk_size must be an integer >= 1, got {chunk_size!r}")
+
+
+def _check_answerable(num_queries: int, num_skipped: int) -> None:
+    if num_queries == 0:
+        raise ValueError(
+            "retrieval_metrics: no query has a relevant gallery item (no query label occurs in "
+            "gallery_labels); expected query and gallery labels to share one numbering"
+        )
+    if num_skipped:
+        warnings.warn(
+            f"retrieval_metrics: {num_skipped} of {num_queries + num_skipped} queries have no "
+            "relevant gallery item; they are excluded from every metric",
+            stacklevel=3,
+        )
 
 
 def _count_relevant(query_labels: Tensor, gallery_labels: Tensor) -> Tensor:
