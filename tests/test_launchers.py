@@ -1,0 +1,152 @@
+"""Each launcher runs configs/smoke.toml end to end on the CPU; torchrun restarts resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import distributed
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": ""}
+
+
+@pytest.fixture(scope="module")
+def synthetic_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("synthetic"))
+
+
+def smoke_args(out_dir: Path, synthetic_dir: str, epochs: int = 2) -> list[str]:
+    return [str(epochs), "1", "--config", "configs/smoke.toml", "--out_dir", str(out_dir),
+            "--synthetic_dir", synthetic_dir]
+
+
+def run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{cmd} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def lines(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def check_complete_run(out_dir: Path, epochs: int) -> None:
+    records = lines(out_dir)
+    assert [r["epoch"] for r in records if "loss" in r] == list(range(1, epochs + 1))
+    evals = [r["epoch"] for r in records if "recall@1" in r]
+    assert evals[0] == 0 and evals[-1] == epochs and len(evals) == len(set(evals))
+    assert all(0 <= r["recall@1"] <= 100 and 0 <= r["mAP@10"] <= 100 for r in records if "recall@1" in r)
+    assert (out_dir / "snapshot.pt").exists() and (out_dir / "config.toml").exists()
+
+
+def torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *args]
+
+
+def test_single_gpu(tmp_path, synthetic_dir):
+    run([sys.executable, "single_gpu.py", *smoke_args(tmp_path, synthetic_dir)])
+    check_complete_run(tmp_path, 2)
+
+
+def test_multigpu_spawn_two_cpu_processes(tmp_path, synthetic_dir):
+    run([sys.executable, "multigpu.py", *smoke_args(tmp_path, synthetic_dir), "--nprocs", "2"])
+    check_complete_run(tmp_path, 2)
+
+
+def test_torchrun_two_processes(tmp_path, synthetic_dir):
+    run(torchrun("--standalone", "--nproc_per_node=2", "multigpu_torchrun.py",
+                 *smoke_args(tmp_path, synthetic_dir)))
+    check_complete_run(tmp_path, 2)
+
+
+def test_bad_data_root_names_the_file(tmp_path):
+    proc = subprocess.run([sys.executable, "single_gpu.py", "--data_root", str(tmp_path / "inshop")],
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "list_eval_partition.txt" in proc.stderr
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"exited early with {proc.returncode}: {proc.stdout.read()}"
+        assert time.monotonic() < deadline, f"{path} did not appear in {timeout} s"
+        time.sleep(0.2)
+
+
+def kill_a_worker(agent: subprocess.Popen) -> None:
+    workers = children(agent.pid)
+    assert workers, "no worker processes found"
+    os.kill(workers[-1], signal.SIGKILL)
+
+
+def test_torchrun_restart_resumes_after_a_worker_is_killed(tmp_path, synthetic_dir):
+    cmd = torchrun("--standalone", "--nproc_per_node=2", "--max-restarts=2", "multigpu_torchrun.py",
+                   *smoke_args(tmp_path, synthetic_dir, epochs=4))
+    agent = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(tmp_path / "snapshot.pt", agent, timeout=180)
+        kill_a_worker(agent)
+        output, _ = agent.communicate(timeout=300)
+    finally:
+        agent.kill()
+    assert agent.returncode == 0, output[-4000:]
+    assert "resuming from snapshot" in output
+    check_complete_run(tmp_path, 4)
+
+
+def test_multinode_two_agents_without_a_shared_file_system(tmp_path):
+    """Two torchrun agents (two "nodes") with separate disks: output and data directories."""
+    port = distributed.free_port()
+    agents = []
+    for node in range(2):
+        node_dir = tmp_path / f"node{node}"
+        cmd = torchrun("--nnodes=2", "--nproc_per_node=1", "--max-restarts=2", "--rdzv_backend=c10d",
+                       f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=multinode-test", "multinode.py",
+                       *smoke_args(node_dir / "run", str(node_dir / "synthetic"), epochs=4))
+        agents.append(subprocess.Popen(cmd, cwd=ROOT, env={**env(), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"},
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        snapshots = [tmp_path / f"node{n}" / "run" / "snapshot.pt" for n in range(2)]
+        deadline = time.monotonic() + 240
+        while not any(p.exists() for p in snapshots):
+            assert all(a.poll() is None for a in agents) and time.monotonic() < deadline
+            time.sleep(0.2)
+        # kill the worker on the node that does NOT hold the snapshot: its restart must fetch it
+        victim = 1 if snapshots[0].exists() else 0
+        kill_a_worker(agents[victim])
+        outputs = [a.communicate(timeout=300)[0] for a in agents]
+    finally:
+        for a in agents:
+            a.kill()
+    for a, out in zip(agents, outputs):
+        assert a.returncode == 0, out[-4000:]
+    assert any("resuming from snapshot" in out for out in outputs)
+    holders = [p.parent for p in snapshots if p.exists()]
+    assert holders
+    final = max(holders, key=lambda d: len(lines(d)))
+    check_complete_run(final, 4)
