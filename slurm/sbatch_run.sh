@@ -9,8 +9,8 @@
 #   sbatch --nodes=4 --gpus-per-node=8 --cpus-per-task=96 slurm/sbatch_run.sh 50 5 --batch_size 64
 #
 # Arguments are passed to multinode.py unchanged. Outputs go to runs/slurm-<job id>/ unless
-# --out_dir is given; the log is slurm-<job id>.out in the submit directory. Both paths must be on
-# a disk every node sees: rank 0 writes the snapshot and every rank reads it when resuming.
+# --out_dir is given; the log is slurm-<job id>.out in the submit directory. Keep both on a disk
+# every node sees: a requeued job may run on other nodes and must find its snapshot there.
 #
 # Preemption and time limits: 120 s before the limit Slurm sends USR1 to this shell only (B:).
 # The shell asks the training step to stop (SIGTERM: torchrun forwards it, USR1 would kill
@@ -26,6 +26,27 @@
 #SBATCH --output=slurm-%j.out
 
 set -euo pipefail
+
+# The traps come first: until they are set, USR1's default action would end the job unrequeued.
+stop_signal=""
+# USR1 (time limit or preemption notice, sent to this shell only): ask the training step to stop.
+# scancel without --batch reaches every process of the job's steps (torchrun agents and their
+# workers) but not this shell; the workers finish their step, save a snapshot and exit.
+request_stop() {
+    [[ -n $stop_signal ]] && return
+    stop_signal=USR1
+    echo "sbatch_run.sh: got SIGUSR1; asking the training step to save a snapshot and stop"
+    scancel --signal=TERM "$SLURM_JOB_ID" || echo "sbatch_run.sh: scancel failed" >&2
+}
+# TERM means Slurm is ending the job (scancel, preemption); it signals the steps itself, and
+# scancel would only block on a job that "can not be altered now". Stay alive so the step is
+# not killed with this shell, and do not requeue: whoever ends the job decides that.
+note_termination() {
+    stop_signal=TERM
+    echo "sbatch_run.sh: got SIGTERM; the job is ending"
+}
+trap request_stop USR1
+trap note_termination TERM
 
 # Slurm runs a copy of this file from its spool directory: work from where sbatch was called.
 cd "${SLURM_SUBMIT_DIR:?submit this script with sbatch}"
@@ -94,50 +115,33 @@ export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 
 echo "sbatch_run.sh: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $nnodes node(s) x $nproc process(es), rendezvous $head_addr:$rdzv_port"
 
-stop_signal=""
-# USR1 (time limit or preemption notice, sent to this shell only): ask the training step to stop.
-# scancel without --batch reaches every process of the job's steps (torchrun agents and their
-# workers) but not this shell; the workers finish their step, save a snapshot and exit.
-request_stop() {
-    [[ -n $stop_signal ]] && return
-    stop_signal=USR1
-    echo "sbatch_run.sh: got SIGUSR1; asking the training step to save a snapshot and stop"
-    scancel --signal=TERM "$SLURM_JOB_ID" || echo "sbatch_run.sh: scancel failed" >&2
-}
-# TERM means Slurm is ending the job (scancel, preemption); it signals the steps itself, and
-# scancel would only block on a job that "can not be altered now". Stay alive so the step is
-# not killed with this shell, and do not requeue: whoever ends the job decides that.
-note_termination() {
-    stop_signal=TERM
-    echo "sbatch_run.sh: got SIGTERM; the job is ending"
-}
-trap request_stop USR1
-trap note_termination TERM
 
-# In the background, because bash runs a trap only once the foreground command has returned.
-# No --kill-on-bad-exit: after a stop signal the first node to finish would get rank 0 killed
-# while it is still writing the snapshot; torchrun agents notice failed peers themselves.
-srun "${cpu_args[@]}" \
-    torchrun \
-    --nnodes "$nnodes" \
-    --nproc_per_node "$nproc" \
-    --rdzv_id "$SLURM_JOB_ID" \
-    --rdzv_backend c10d \
-    --rdzv_endpoint "$head_addr:$rdzv_port" \
-    --max-restarts "$MAX_RESTARTS" \
-    multinode.py "$@" "${out_args[@]}" &
-step_pid=$!
-
-status=0
-wait "$step_pid" || status=$?
 if [[ -z $stop_signal ]]; then
-    exit "$status"
+    # In the background, because bash runs a trap only once the foreground command has returned.
+    # No --kill-on-bad-exit: after a stop signal the first node to finish would get rank 0 killed
+    # while it is still writing the snapshot; torchrun agents notice failed peers themselves.
+    srun "${cpu_args[@]}" \
+        torchrun \
+        --nnodes "$nnodes" \
+        --nproc_per_node "$nproc" \
+        --rdzv_id "$SLURM_JOB_ID" \
+        --rdzv_backend c10d \
+        --rdzv_endpoint "$head_addr:$rdzv_port" \
+        --max-restarts "$MAX_RESTARTS" \
+        multinode.py "$@" "${out_args[@]}" &
+    step_pid=$!
+
+    status=0
+    wait "$step_pid" || status=$?
+    if [[ -z $stop_signal ]]; then
+        exit "$status"
+    fi
+    # A trap interrupted `wait`: keep waiting while the workers save their snapshot.
+    while kill -0 "$step_pid" 2>/dev/null; do
+        wait "$step_pid" || true
+    done
 fi
 
-# A trap interrupted `wait`: keep waiting while the workers save their snapshot.
-while kill -0 "$step_pid" 2>/dev/null; do
-    wait "$step_pid" || true
-done
 if [[ $stop_signal == TERM ]]; then
     exit 143
 fi

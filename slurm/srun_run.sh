@@ -8,7 +8,8 @@
 #   sbatch --nodes=2 --ntasks-per-node=8 --gpus-per-node=8 slurm/srun_run.sh 50 5
 #
 # --ntasks-per-node must equal the GPUs per node on GPU nodes: task LOCAL_RANK uses GPU LOCAL_RANK.
-# Outputs go to runs/slurm-<job id>/ unless --out_dir is given (on a disk every node sees).
+# Outputs go to runs/slurm-<job id>/ unless --out_dir is given; keep them on a disk every node
+# sees, since a requeued job may run on other nodes and must find its snapshot there.
 #
 # Preemption and time limits: 120 s before the limit Slurm sends USR1 straight to every task
 # (no B: prefix, no torchrun in between to be killed by it). The tasks save a snapshot and exit
@@ -54,6 +55,9 @@ cpu_args=()
 if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then
     cpu_args=(--cpus-per-task "$SLURM_CPUS_PER_TASK")
 fi
+
+# torchrun would set this; without it every task starts one thread per core of the node.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 
 echo "srun_run.sh: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): ${SLURM_NTASKS:-?} task(s) on $SLURM_JOB_NUM_NODES node(s)"
 
