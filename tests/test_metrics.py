@@ -149,7 +149,9 @@ def test_ties_across_the_top_k_cut_keep_the_lowest_indices():
 
 def test_k_larger_than_gallery_counts_every_item():
     query, gallery, query_labels, gallery_labels = _hand_ranked_problem()
-    metrics = retrieval_metrics(query[:3], gallery, query_labels[:3], gallery_labels, recall_at=(100,), map_at=(100,))
+    metrics = retrieval_metrics(
+        query[:3], gallery, query_labels[:3], gallery_labels, recall_at=(100,), map_at=(100,)
+    )
     assert metrics["recall@100"] == pytest.approx(100.0)
     # Full-list AP, IR: q0 = (1 + 2/3 + 3/4 + 4/7)/4, q1 = (1/2 + 2/6)/2, q2 = (1/5 + 2/8)/2
     q0 = (1 + Fraction(2, 3) + Fraction(3, 4) + Fraction(4, 7)) / 4
