@@ -63,8 +63,11 @@ class Trainer:
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
 
         if cfg.sync_bn and self.world_size > 1:
-            # Keeps the same Parameter objects, so the optimizer built earlier still owns them.
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            if self.device.type == "cuda":
+                # Keeps the same Parameter objects, so the optimizer built earlier still owns them.
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            else:
+                self._say("sync_bn: SyncBatchNorm needs CUDA; training with per-process BatchNorm")
         self.raw_model = model.to(self.device, memory_format=self.memory_format)
         self.ddp_model: DDP | None = None
         self.model: nn.Module = self.raw_model
@@ -141,7 +144,9 @@ class Trainer:
         loss_sum, steps, images, start = 0.0, 0, 0, time.perf_counter()
         micro_loss = torch.zeros((), device=self.device)
         for micro, (source, targets) in enumerate(self.train_data, start=1):
-            source = source.to(self.device, non_blocking=True, memory_format=self.memory_format)
+            source = source.to(self.device, non_blocking=True)
+            if source.dim() == 4:
+                source = source.contiguous(memory_format=self.memory_format)
             targets = targets.to(self.device, non_blocking=True)
             sync = micro % accum == 0  # all-reduce gradients only on the last micro-batch
             micro_loss += self._run_batch(source, targets, sync)

@@ -232,3 +232,25 @@ def test_ddp_two_processes_equal_one_process_on_the_same_global_batch(tmp_path):
     evals = lambda d: [r for r in read_lines(d) if "recall@1" in r]
     for a, b in zip(evals(tmp_path / "ddp"), evals(tmp_path / "single")):
         assert a["recall@1"] == pytest.approx(b["recall@1"]) and a["mAP@10"] == pytest.approx(b["mAP@10"], abs=1e-4)
+
+
+def test_compile_and_channels_last_run_on_cpu(tmp_path):
+    t = toy_trainer(toy_config(tmp_path, total_epochs=1, compile=True, channels_last=True))
+    assert t.train() == 0
+    assert torch.isfinite(t.raw_model.embedding.weight).all()
+    assert not any(k.startswith("_orig_mod") for k in load_snapshot(tmp_path / "snapshot.pt")["model"])
+
+
+def test_sync_bn_on_cpu_falls_back_with_a_message(tmp_path, capsys):
+    mp.spawn(_sync_bn_worker, args=(distributed.free_port(), str(tmp_path)), nprocs=2)
+    assert (tmp_path / "snapshot.pt").exists()
+
+
+def _sync_bn_worker(rank: int, port: int, out_dir: str) -> None:
+    init_gloo(rank, 2, port)
+    try:
+        t = toy_trainer(toy_config(out_dir, total_epochs=1, sync_bn=True))
+        assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in t.raw_model.modules())
+        t.train()
+    finally:
+        dist.destroy_process_group()
