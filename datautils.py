@@ -172,8 +172,13 @@ class SeededDataset(Dataset):
 
 
 def prepare_dataloader(dataset: Dataset, batch_size: int, num_workers: int = 0, seed: int = 0,
-                       pin_memory: bool = False) -> DataLoader:
-    """A training loader: this process's shard of every epoch (DistributedSampler-style), full batches."""
+                       pin_memory: bool | None = None) -> DataLoader:
+    """A training loader: this process's shard of every epoch (DistributedSampler-style), full batches.
+
+    pin_memory defaults to "when CUDA is there": page-locked batches copy to the GPU asynchronously.
+    """
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
     sampler = EpochSampler(dataset, distributed.world_size(), distributed.global_rank(), seed=seed)
     return DataLoader(
         SeededDataset(dataset),
