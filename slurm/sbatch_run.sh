@@ -35,15 +35,15 @@ stop_signal=""
 request_stop() {
     [[ -n $stop_signal ]] && return
     stop_signal=USR1
-    echo "sbatch_run.sh: got SIGUSR1; asking the training step to save a snapshot and stop"
-    scancel --signal=TERM "$SLURM_JOB_ID" || echo "sbatch_run.sh: scancel failed" >&2
+    echo "slurm/sbatch_run.sh: got SIGUSR1; asking the training step to save a snapshot and stop"
+    scancel --signal=TERM "$SLURM_JOB_ID" || echo "slurm/sbatch_run.sh: scancel failed" >&2
 }
 # TERM means Slurm is ending the job (scancel, preemption); it signals the steps itself, and
 # scancel would only block on a job that "can not be altered now". Stay alive so the step is
 # not killed with this shell, and do not requeue: whoever ends the job decides that.
 note_termination() {
     stop_signal=TERM
-    echo "sbatch_run.sh: got SIGTERM; the job is ending"
+    echo "slurm/sbatch_run.sh: got SIGTERM; the job is ending"
 }
 trap request_stop USR1
 trap note_termination TERM
@@ -51,7 +51,7 @@ trap note_termination TERM
 # Slurm runs a copy of this file from its spool directory: work from where sbatch was called.
 cd "${SLURM_SUBMIT_DIR:?submit this script with sbatch}"
 if [[ ! -f multinode.py ]]; then
-    echo "sbatch_run.sh: no multinode.py in $PWD; submit from the project root" >&2
+    echo "slurm/sbatch_run.sh: no multinode.py in $PWD; submit from the project root" >&2
     exit 2
 fi
 
@@ -113,7 +113,7 @@ fi
 # gloo workers can read a dead peer's address and fail or hang (pytorch/pytorch#135712).
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 
-echo "sbatch_run.sh: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $nnodes node(s) x $nproc process(es), rendezvous $head_addr:$rdzv_port"
+echo "slurm/sbatch_run.sh: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $nnodes node(s) x $nproc process(es), rendezvous $head_addr:$rdzv_port"
 
 
 if [[ -z $stop_signal ]]; then
@@ -147,5 +147,5 @@ if [[ $stop_signal == TERM ]]; then
 fi
 # Requeueing ends this run with SIGTERM to this shell; nothing is left to do by then.
 trap - TERM
-echo "sbatch_run.sh: training step stopped; requeueing job $SLURM_JOB_ID"
+echo "slurm/sbatch_run.sh: training step stopped; requeueing job $SLURM_JOB_ID"
 scontrol requeue "$SLURM_JOB_ID"

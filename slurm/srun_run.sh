@@ -28,7 +28,7 @@ set -euo pipefail
 # Slurm runs a copy of this file from its spool directory: work from where sbatch was called.
 cd "${SLURM_SUBMIT_DIR:?submit this script with sbatch}"
 if [[ ! -f multinode.py ]]; then
-    echo "srun_run.sh: no multinode.py in $PWD; submit from the project root" >&2
+    echo "slurm/srun_run.sh: no multinode.py in $PWD; submit from the project root" >&2
     exit 2
 fi
 
@@ -59,12 +59,12 @@ fi
 # torchrun would set this; without it every task starts one thread per core of the node.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 
-echo "srun_run.sh: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): ${SLURM_NTASKS:-?} task(s) on $SLURM_JOB_NUM_NODES node(s)"
+echo "slurm/srun_run.sh: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): ${SLURM_NTASKS:-?} task(s) on $SLURM_JOB_NUM_NODES node(s)"
 
 # TERM means Slurm is ending the job (scancel, preemption) and signals the tasks itself. Without
 # a trap this shell would die at once and the job's end would kill the tasks mid-save.
 ending=""
-trap 'ending=1; echo "srun_run.sh: got SIGTERM; the job is ending"' TERM
+trap 'ending=1; echo "slurm/srun_run.sh: got SIGTERM; the job is ending"' TERM
 
 # In the background, because bash runs a trap only once the foreground command has returned.
 # No --kill-on-bad-exit: after a stop signal the first task to exit would get rank 0 killed
@@ -83,7 +83,7 @@ done
 if [[ -z $ending && $status == "$STOPPED_BY_USR1" ]]; then
     # Requeueing ends this run with SIGTERM to this shell; nothing is left to do by then.
     trap - TERM
-    echo "srun_run.sh: tasks stopped on SIGUSR1; requeueing job $SLURM_JOB_ID"
+    echo "slurm/srun_run.sh: tasks stopped on SIGUSR1; requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID"
 fi
 exit "$status"

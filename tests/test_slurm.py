@@ -1,0 +1,228 @@
+"""slurm/ scripts against a real Slurm (slurmctld + two slurmd on this host, see slurm_cluster.py).
+
+The jobs run the real multinode.py on the smoke config, on CPU. They are submitted from a
+temporary directory that mirrors the project through symlinks, so their runs/, .cache/ and
+slurm-<id>.out files stay out of the checkout (job ids restart at 1 with every fresh cluster).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from slurm_cluster import SlurmCluster, local_cluster, missing_requirement
+
+REPO = Path(__file__).resolve().parent.parent
+SLURM_DIR = REPO / "slurm"
+SMOKE = ("--config", "configs/smoke.toml")
+FINISHED_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+JOB_TIMEOUT_S = 240  # a smoke job takes 20-40 s here; a hang must not outlast the test run
+
+needs_slurm = pytest.mark.skipif(missing_requirement() is not None, reason=f"no local Slurm: {missing_requirement()}")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory) -> SlurmCluster:
+    with local_cluster(tmp_path_factory.mktemp("slurm")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A submit directory whose entries link to the project's files; outputs land in it."""
+    view = tmp_path_factory.mktemp("project")
+    for entry in REPO.iterdir():
+        if entry.name not in {".git", "runs", ".cache", "data", "outputs"} and not entry.name.startswith("slurm-"):
+            (view / entry.name).symlink_to(entry)
+    return view
+
+
+def submit(cluster: SlurmCluster, project: Path, script: str, *args: str, sbatch_args: tuple[str, ...] = ()) -> str:
+    """sbatch from the project view (SLURM_SUBMIT_DIR is where sbatch runs); returns the job id."""
+    result = subprocess.run(
+        ["sbatch", "--parsable", *sbatch_args, script, *args],
+        cwd=project, env=cluster.env, capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().split(";")[0]
+
+
+def wait_for(condition, timeout: float, what: str, cluster: SlurmCluster, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}\n{_read(log)}\n{cluster.logs()}")
+        time.sleep(0.5)
+
+
+def wait_for_job(cluster: SlurmCluster, job_id: str, log: Path, timeout: float = JOB_TIMEOUT_S) -> str:
+    """Poll the controller (sbatch --wait polls at 2, 8, 32 s) until the job ends; its final state."""
+    state = [""]
+
+    def finished() -> bool:
+        state[0] = cluster.job_field(job_id, "JobState")
+        return state[0] in FINISHED_STATES
+
+    try:
+        wait_for(finished, timeout, f"job {job_id} to finish", cluster, log)
+    finally:
+        if state[0] not in FINISHED_STATES:
+            subprocess.run(["scancel", job_id], env=cluster.env, timeout=30)
+    return state[0]
+
+
+def _read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else f"({path} does not exist)"
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def assert_finished_run(run_dir: Path, total_epochs: int, log_text: str) -> None:
+    """Every epoch trained exactly once, and the last one evaluated."""
+    records = read_metrics(run_dir)
+    train_epochs = [r["epoch"] for r in records if "loss" in r]
+    assert train_epochs == list(range(1, total_epochs + 1)), log_text
+    final_eval = [r for r in records if "recall@1" in r and r["epoch"] == total_epochs]
+    assert final_eval and "mAP@10" in final_eval[0], log_text
+    assert (run_dir / "snapshot.pt").is_file()
+
+
+@pytest.mark.slurm
+@needs_slurm
+def test_sbatch_run_one_node(cluster, project):
+    """`sbatch --wait` returns the job's exit code; outputs go to runs/slurm-<job id>."""
+    start = time.monotonic()
+    result = subprocess.run(
+        ["timeout", str(JOB_TIMEOUT_S), "sbatch", "--wait", "slurm/sbatch_run.sh", "2", "1", *SMOKE],
+        cwd=project, env=cluster.env, capture_output=True, text=True,
+    )
+    submitted = re.search(r"Submitted batch job (\d+)", result.stdout)
+    assert submitted, f"sbatch failed: {result.stdout}{result.stderr}"
+    job_id = submitted.group(1)
+    log_text = _read(project / f"slurm-{job_id}.out")
+    assert result.returncode == 0, f"{result.stderr}\n{log_text}\n{cluster.logs()}"
+    assert "1 node(s) x 2 process(es)" in log_text
+    assert_finished_run(project / "runs" / f"slurm-{job_id}", 2, log_text)
+    print(f"one-node sbatch_run.sh: {time.monotonic() - start:.1f} s")
+
+
+@pytest.mark.slurm
+@needs_slurm
+def test_sbatch_run_requeues_on_usr1_and_resumes(cluster, project):
+    """USR1 to the batch shell (what --signal=B:USR1@120 sends before the time limit): the
+    workers save mid-epoch, the job requeues itself, and the rerun finishes every epoch once."""
+    start, total_epochs = time.monotonic(), 8
+    job_id = submit(cluster, project, "slurm/sbatch_run.sh", str(total_epochs), "1", *SMOKE)
+    log = project / f"slurm-{job_id}.out"
+    run_dir = project / "runs" / f"slurm-{job_id}"
+    wait_for((run_dir / "snapshot.pt").exists, JOB_TIMEOUT_S, "the first snapshot", cluster, log)
+    cluster.run("scancel", "--signal=USR1", "--batch", job_id)
+
+    requeued_or_over = lambda: cluster.job_field(job_id, "Restarts") != "0" or cluster.job_field(job_id, "JobState") in FINISHED_STATES
+    wait_for(requeued_or_over, 120, "the requeue", cluster, log)
+    assert cluster.job_field(job_id, "Restarts") == "1", f"the job ended without a requeue\n{_read(log)}"
+    state = wait_for_job(cluster, job_id, log)
+    log_text = _read(log)
+    assert state == "COMPLETED", f"{log_text}\n{cluster.logs()}"
+    assert cluster.job_field(job_id, "ExitCode") == "0:0"
+    assert "got SIGUSR1" in log_text and "requeueing job" in log_text
+    stop = re.search(r"stopped by SIGTERM at epoch (\d+) step (\d+)", log_text)
+    assert stop, log_text
+    resume = re.search(r"resuming from snapshot \S+ at epoch (\d+)(?: step (\d+))?", log_text)
+    assert resume, log_text
+    # The trainer counts the epoch in progress from 1 when stopping, and epochs done when resuming.
+    assert int(resume.group(1)) == int(stop.group(1)) - 1, log_text
+    assert int(resume.group(2) or 0) == int(stop.group(2)), log_text
+    assert f"job {job_id} (restart 1)" in log_text
+    assert_finished_run(run_dir, total_epochs, log_text)
+    print(f"preempted and requeued sbatch_run.sh: {time.monotonic() - start:.1f} s")
+
+
+@pytest.mark.slurm
+@needs_slurm
+def test_sbatch_run_two_nodes(cluster, project):
+    """--nodes=2: one torchrun agent per node, four ranks, rendezvous on n1."""
+    start = time.monotonic()
+    job_id = submit(cluster, project, "slurm/sbatch_run.sh", "2", "1", *SMOKE, sbatch_args=("--nodes=2",))
+    log = project / f"slurm-{job_id}.out"
+    state = wait_for_job(cluster, job_id, log)
+    log_text = _read(log)
+    assert state == "COMPLETED", f"{log_text}\n{cluster.logs()}"
+    assert "2 node(s) x 2 process(es)" in log_text
+    assert "global rank 0 of 4" in log_text and "global rank 2 of 4" in log_text  # local rank 0 of each node
+    assert cluster.job_field(job_id, "NodeList") == "n[1-2]"
+    assert_finished_run(project / "runs" / f"slurm-{job_id}", 2, log_text)
+    print(f"two-node sbatch_run.sh: {time.monotonic() - start:.1f} s")
+
+
+@pytest.mark.slurm
+@needs_slurm
+def test_srun_run_two_nodes(cluster, project):
+    """srun alone, one task per node: ranks, world size and MASTER_ADDR come from slurm_env."""
+    start = time.monotonic()
+    job_id = submit(
+        cluster, project, "slurm/srun_run.sh", "2", "1", *SMOKE, sbatch_args=("--nodes=2", "--ntasks-per-node=1")
+    )
+    log = project / f"slurm-{job_id}.out"
+    state = wait_for_job(cluster, job_id, log)
+    log_text = _read(log)
+    assert state == "COMPLETED", f"{log_text}\n{cluster.logs()}"
+    assert "2 task(s) on 2 node(s)" in log_text
+    assert "global rank 0 of 2" in log_text and "global rank 1 of 2" in log_text
+    assert_finished_run(project / "runs" / f"slurm-{job_id}", 2, log_text)
+    print(f"two-node srun_run.sh: {time.monotonic() - start:.1f} s")
+
+
+# --------------------------------------------------------------------------------------------
+# Static checks: no Slurm needed.
+
+# A relative path ending in .py/.toml/.sh (absolute paths and <placeholders> are not the project's).
+PATH_TOKEN = re.compile(r"(?<![\w./<>~$-])((?:[\w-]+/)*[\w-]+\.(?:py|toml|sh))\b")
+IMPORT = re.compile(r"\bimport (\w+)")
+INSTALLED_MODULES = set(sys.stdlib_module_names) | {"torch", "torchvision", "numpy", "PIL", "tqdm", "pytest"}
+
+
+def named_project_files(text: str) -> set[str]:
+    """Project-relative files a script or guide names: scripts, configs and `python -c` imports."""
+    modules = {f"{module}.py" for module in IMPORT.findall(text) if module not in INSTALLED_MODULES}
+    return set(PATH_TOKEN.findall(text)) | modules
+
+
+def test_every_file_named_under_slurm_exists():
+    checked = {}
+    for path in sorted(SLURM_DIR.iterdir()):
+        if path.is_file():
+            for name in named_project_files(path.read_text()):
+                checked[name] = path.name
+    assert {"multinode.py", "slurm_env.py"} <= set(checked), checked  # the scan reads the scripts
+    missing = {name: where for name, where in checked.items() if not (REPO / name).exists()}
+    assert not missing, f"files named under slurm/ that the project lacks: {missing}"
+
+
+def test_named_file_scan_sees_what_it_must():
+    # The scanner itself: it must catch a missing config or launcher, not only pass.
+    text = (
+        "sbatch slurm/sbatch_run.sh 5 1 --config configs/nope.toml\n"
+        "python3 -c 'import slurm_env, os'\nsrun python3 x.py\n"
+        "source /opt/venv/bin/activate.sh ~/y.py <CONFIG>.toml $HOME/z.py"
+    )
+    assert named_project_files(text) == {"slurm/sbatch_run.sh", "configs/nope.toml", "slurm_env.py", "x.py"}
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in SLURM_DIR.glob("*.sh")))
+def test_scripts_parse_and_pass_shellcheck(script):
+    path = SLURM_DIR / script
+    assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+    result = subprocess.run(["shellcheck", str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout
