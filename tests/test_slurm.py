@@ -218,6 +218,22 @@ def test_named_file_scan_sees_what_it_must():
     assert named_project_files(text) == {"slurm/sbatch_run.sh", "configs/nope.toml", "slurm_env.py", "x.py"}
 
 
+def test_cluster_template_is_complete():
+    yaml = pytest.importorskip("yaml")
+    text = (SLURM_DIR / "config.yaml.template").read_text()
+    config = yaml.safe_load(text)
+    header = text.split("\nRegion:")[0]
+    placeholders = set(re.findall(r"<[A-Z_]+>", text.split("\nRegion:", 1)[1]))
+    assert placeholders and all(p in header for p in placeholders), "every placeholder is explained on top"
+    assert config["Scheduling"]["Scheduler"] == "slurm"
+    for queue in config["Scheduling"]["SlurmQueues"]:
+        assert queue["Networking"]["PlacementGroup"]["Enabled"] is True, queue["Name"]
+        for resource in queue["ComputeResources"]:
+            assert resource["Efa"]["Enabled"] is True, resource["Name"]
+            assert resource["Instances"][0]["InstanceType"] in {"p5.48xlarge", "p4d.24xlarge"}
+    assert [s["StorageType"] for s in config["SharedStorage"]] == ["FsxLustre"]
+
+
 @pytest.mark.parametrize("script", sorted(p.name for p in SLURM_DIR.glob("*.sh")))
 def test_scripts_parse_and_pass_shellcheck(script):
     path = SLURM_DIR / script
