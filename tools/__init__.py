@@ -1,0 +1,1 @@
+"""Command-line tools around a trained model: evaluate, search, visualize, export."""

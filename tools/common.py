@@ -1,0 +1,336 @@
+"""What the retrieval tools share: loading a model, listing images, fingerprints, atomic outputs.
+
+A model comes from one of three files, and every tool accepts all three:
+
+    runs/demo/snapshot.pt                       a training snapshot (trainer.py)
+    model.torchscript.pt                        an export of tools/export.py
+    --mmpretrain FILE --arch resnet50 --num_classes 3997    an mmpretrain ArcFace checkpoint
+
+Each becomes a `LoadedModel`: an `Embedder` (backbone -> pooling -> optional embedding layer,
+no ArcFace head), the preprocessing it expects, and a fingerprint of its weights.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import sys
+import warnings
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from arcface.inshop import PARTITION_FILE, InShop
+from arcface.model import RetrievalModel, build_model, load_mmpretrain_retriever
+from arcface.transforms import MEAN_RGB, STD_RGB, load_image, test_transform
+from config import Config
+from trainer import SnapshotMismatch, load_snapshot
+
+EXPORT_METADATA_FILE = "retrieval.json"  # TorchScript extra file written by tools/export.py
+EXPORT_FORMAT = "arcface-retrieval-embedder"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+# The reference recipe's test pipeline: what mmpretrain's In-Shop checkpoints were evaluated with.
+MMPRETRAIN_RESIZE, MMPRETRAIN_CROP = 512, 448
+
+
+class Embedder(nn.Module):
+    """The retrieval part of a RetrievalModel: (N, 3, H, W) normalised images -> (N, D) embeddings.
+
+    Shares the model's modules, so its state-dict keys are the model's minus `head.*`.
+    """
+
+    def __init__(self, model: RetrievalModel) -> None:
+        super().__init__()
+        self.backbone = model.backbone
+        self.neck = model.neck
+        self.embedding = model.embedding
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.embedding(self.neck(self.backbone(images)))
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Test-time pipeline: resize to (resize, resize), centre crop (crop, crop), normalise RGB."""
+
+    resize: int
+    crop: int
+    mean: tuple[float, ...] = MEAN_RGB  # 0-255 scale
+    std: tuple[float, ...] = STD_RGB
+
+    def transform(self) -> Callable[[Tensor], Tensor]:
+        if tuple(self.mean) != MEAN_RGB or tuple(self.std) != STD_RGB:
+            raise ValueError(
+                f"the model expects normalisation mean={list(self.mean)} std={list(self.std)}, "
+                f"but this project's pipeline uses mean={list(MEAN_RGB)} std={list(STD_RGB)}"
+            )
+        return test_transform(self.resize, self.crop)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"resize": self.resize, "crop": self.crop, "mean": list(self.mean), "std": list(self.std)}
+
+
+@dataclass
+class LoadedModel:
+    module: nn.Module  # images -> embeddings (an Embedder or a TorchScript module)
+    preprocess: Preprocess
+    fingerprint: str  # changes whenever the weights or the preprocessing change
+    source: str  # what was loaded, for messages and result files
+    config: dict[str, Any] | None  # the training configuration, when the file records it
+
+
+# ------------------------------------------------------------------------------------------
+# Command-line arguments shared by the tools
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """MODEL positional (snapshot or TorchScript export) or --mmpretrain with its architecture."""
+    parser.add_argument("model", nargs="?", default=None,
+                        help="training snapshot (snapshot.pt) or TorchScript export (tools/export.py)")
+    group = parser.add_argument_group("mmpretrain checkpoints (instead of MODEL)")
+    group.add_argument("--mmpretrain", default=None, metavar="CHECKPOINT",
+                       help="an mmpretrain ArcFace checkpoint, e.g. the published In-Shop ResNet-50")
+    group.add_argument("--arch", default=None, help="resnet18 ... resnet152 (required with --mmpretrain)")
+    group.add_argument("--num_classes", type=int, default=None,
+                       help="classes of its ArcFace head, 3997 for In-Shop (required with --mmpretrain)")
+    group.add_argument("--sub_centers", type=int, default=1)
+    group.add_argument("--pooling", default="avg", choices=("avg", "gem"))
+    parser.add_argument("--resize", type=int, default=None,
+                        help="override the model's test resize (mmpretrain default: 512)")
+    parser.add_argument("--crop", type=int, default=None,
+                        help="override the model's test crop (mmpretrain default: 448)")
+
+
+def model_from_args(args: argparse.Namespace) -> LoadedModel:
+    if args.mmpretrain is not None:
+        if args.model is not None:
+            raise ValueError(f"give either MODEL ({args.model}) or --mmpretrain, not both")
+        missing = [flag for flag, value in (("--arch", args.arch), ("--num_classes", args.num_classes))
+                   if value is None]
+        if missing:
+            raise ValueError(f"--mmpretrain {args.mmpretrain}: also needs {' and '.join(missing)} "
+                             "(the published In-Shop model: --arch resnet50 --num_classes 3997)")
+        return load_mmpretrain(args.mmpretrain, args.arch, args.num_classes, args.sub_centers,
+                               args.pooling, args.resize, args.crop)
+    if args.model is None:
+        raise ValueError("expected a MODEL file (a training snapshot or a TorchScript export) "
+                         "or --mmpretrain CHECKPOINT --arch ARCH --num_classes N")
+    return load_model(args.model, args.resize, args.crop)
+
+
+def run_cli(main: Callable[[list[str] | None], int]) -> int:
+    """Runs a tool's main; bad input ends with one `error: ...` line and exit status 1."""
+    try:
+        return main(None)
+    except (OSError, ValueError, ImportError, SnapshotMismatch, IndexMismatch) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+class IndexMismatch(RuntimeError):
+    """A search index that was built by another model or from other images."""
+
+
+# ------------------------------------------------------------------------------------------
+# Loading models
+
+
+def load_model(path: str | os.PathLike, resize: int | None = None, crop: int | None = None) -> LoadedModel:
+    """A training snapshot or a TorchScript export -> LoadedModel (on the CPU, eval mode)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: no such model file; expected a training snapshot (<out_dir>/snapshot.pt) "
+            "or a TorchScript export of tools/export.py"
+        )
+    if is_torchscript(path):
+        return load_torchscript(path, resize, crop)
+    return load_training_snapshot(path, resize, crop)
+
+
+def is_torchscript(path: Path) -> bool:
+    """TorchScript archives carry compiled code (`code/`, `constants.pkl`); torch.save files do not."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") for name in archive.namelist())
+
+
+def load_training_snapshot(path: Path, resize: int | None = None, crop: int | None = None) -> LoadedModel:
+    try:
+        snapshot = load_snapshot(path)
+    except SnapshotMismatch as error:
+        raise SnapshotMismatch(
+            f"{error}. Expected a training snapshot or a TorchScript export; for an mmpretrain "
+            "checkpoint use --mmpretrain FILE --arch ARCH --num_classes N"
+        ) from None
+    cfg = training_config(snapshot["config"], path)
+    # The ArcFace scale and margins only shape training logits: embeddings do not depend on them.
+    model = build_model(num_classes=snapshot["num_classes"], arch=cfg.arch, pooling=cfg.pooling,
+                        embedding_dim=cfg.embedding_dim or None, sub_centers=cfg.sub_centers)
+    try:
+        model.load_state_dict(snapshot["model"], strict=True)
+    except RuntimeError as error:
+        raise SnapshotMismatch(f"{path}: the weights do not fit the model its config describes: {error}") from None
+    preprocess = Preprocess(resize or cfg.resize, crop or cfg.crop)
+    embedder = Embedder(model).eval()
+    return LoadedModel(embedder, preprocess, fingerprint(embedder.state_dict(), preprocess),
+                       f"snapshot {path} (epoch {snapshot['epochs_run']})", snapshot["config"])
+
+
+def training_config(values: dict[str, Any], path: Path) -> Config:
+    """A snapshot's config dict -> Config; fields this version does not know are left out."""
+    known = {f.name for f in fields(Config)}
+    kept = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in known}
+    try:
+        return Config(**kept)
+    except ValueError as error:
+        raise SnapshotMismatch(f"{path}: its config is not valid here: {error}") from None
+
+
+def load_mmpretrain(path: str | os.PathLike, arch: str, num_classes: int, sub_centers: int = 1,
+                    pooling: str = "avg", resize: int | None = None, crop: int | None = None) -> LoadedModel:
+    """An mmpretrain ArcFace checkpoint (classifier or retriever layout) -> LoadedModel."""
+    if num_classes < 1 or sub_centers < 1:
+        raise ValueError(f"--num_classes and --sub_centers: expected integers >= 1, got {num_classes} and {sub_centers}")
+    model = build_model(num_classes=num_classes, arch=arch, pooling=pooling, sub_centers=sub_centers)
+    load_mmpretrain_retriever(model, path)
+    preprocess = Preprocess(resize or MMPRETRAIN_RESIZE, crop or MMPRETRAIN_CROP)
+    embedder = Embedder(model).eval()
+    return LoadedModel(embedder, preprocess, fingerprint(embedder.state_dict(), preprocess),
+                       f"mmpretrain {path} ({arch}, {num_classes} classes)", None)
+
+
+def load_torchscript(path: Path, resize: int | None = None, crop: int | None = None) -> LoadedModel:
+    extra = {EXPORT_METADATA_FILE: ""}
+    with warnings.catch_warnings():
+        # torch >= 2.9 marks TorchScript deprecated, yet it is what C++ (libtorch) deployments load.
+        warnings.simplefilter("ignore", FutureWarning)
+        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    if not extra[EXPORT_METADATA_FILE]:
+        raise ValueError(f"{path}: a TorchScript file without {EXPORT_METADATA_FILE}; "
+                         "expected an export of tools/export.py (it records the input size)")
+    metadata = json.loads(extra[EXPORT_METADATA_FILE])
+    if metadata.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{path}: {EXPORT_METADATA_FILE} has format {metadata.get('format')!r}, "
+                         f"expected {EXPORT_FORMAT!r}")
+    preprocess = Preprocess(resize or metadata["resize"], crop or metadata["crop"],
+                            tuple(metadata["mean"]), tuple(metadata["std"]))
+    module.eval()
+    return LoadedModel(module, preprocess, fingerprint(module.state_dict(), preprocess),
+                       f"TorchScript {path}", metadata.get("config"))
+
+
+def fingerprint(state: dict[str, Tensor], preprocess: Preprocess) -> str:
+    """sha256 of the embedding weights (names, dtypes, shapes, bytes) and the preprocessing.
+
+    Computed from weights, not file bytes, so a snapshot and its TorchScript export agree, while
+    continued training (other weights) or another input size gives another fingerprint.
+    """
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        if key.startswith("head."):
+            continue
+        tensor = state[key].detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{key}|{tensor.dtype}|{tuple(state[key].shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    digest.update(json.dumps(preprocess.as_dict(), sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+def default_data_root(model: LoadedModel) -> Path:
+    """The In-Shop root the model was trained on: its data_root, or its synthetic set."""
+    if model.config is None:
+        raise ValueError(f"{model.source} does not record its training data: pass --data_root "
+                         "(an In-Shop root holding Eval/list_eval_partition.txt)")
+    from datautils import synthetic_root  # generates the synthetic set if it is not there yet
+
+    cfg = training_config(model.config, Path(model.source))
+    return Path(cfg.data_root) if cfg.data_root else synthetic_root(cfg)
+
+
+# ------------------------------------------------------------------------------------------
+# Images
+
+
+@dataclass
+class ImageList:
+    """Image paths, their In-Shop item ids when known, and where they came from."""
+
+    paths: list[str]
+    items: list[str] | None
+    source: dict[str, str | None]  # {"root": absolute path, "split": In-Shop split or None}
+
+
+def is_inshop_root(path: Path) -> bool:
+    return (path / PARTITION_FILE).is_file()
+
+
+def list_images(path: str | os.PathLike, split: str = "gallery") -> ImageList:
+    """An In-Shop root (its `split`), a folder (every image below it), or one image file."""
+    path = Path(path).resolve()
+    if path.is_dir() and is_inshop_root(path):
+        dataset = InShop(path, split)
+        items = [dataset.item_ids[label] for _, label in dataset.samples]
+        return ImageList([sample_path for sample_path, _ in dataset.samples], items,
+                         {"root": str(path), "split": split})
+    if path.is_dir():
+        paths = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not paths:
+            raise ValueError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) found in this folder "
+                             f"or below it, and no {PARTITION_FILE} (not an In-Shop root)")
+        return ImageList(paths, None, {"root": str(path), "split": None})
+    if path.is_file():
+        return ImageList([str(path)], None, {"root": str(path), "split": None})
+    raise FileNotFoundError(f"{path}: no such image, folder or In-Shop root")
+
+
+class ImageFiles(Dataset):
+    """(image, 0) pairs for a list of paths, in the format `arcface.evaluate` expects."""
+
+    def __init__(self, paths: list[str], transform: Callable[[Tensor], Tensor]) -> None:
+        self.paths = paths
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        return self.transform(load_image(self.paths[index])), 0
+
+
+# ------------------------------------------------------------------------------------------
+# Output files
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path next to `path` (same suffix), moved onto `path` when the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(data: Any, path: str | os.PathLike) -> None:
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def metadata_of(model: LoadedModel) -> dict[str, Any]:
+    """What a result file says about the model that produced it."""
+    return {"model": model.source, "fingerprint": model.fingerprint, "preprocess": model.preprocess.as_dict()}
+

@@ -1,0 +1,125 @@
+"""Recall@K and mAP@K of a trained model on an In-Shop query / gallery split.
+
+    python tools/evaluate.py runs/demo/snapshot.pt [--data_root R] [--recall_at 1 5 10]
+        [--map_at 10] [--batch_size N] [--out metrics.json]
+    python tools/evaluate.py model.torchscript.pt --data_root data/inshop
+    python tools/evaluate.py --mmpretrain resnet50-arcface_inshop.pth --arch resnet50 \\
+        --num_classes 3997 --data_root data/inshop
+    torchrun --nproc_per_node=4 tools/evaluate.py runs/demo/snapshot.pt      # same numbers, faster
+
+The data root defaults to the data the snapshot was trained on, and K, the batch size and the
+preprocessing to its configuration, so the numbers equal the trainer's last evaluation.
+Under torchrun every process embeds its share; the result is identical for any world size.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.distributed as dist
+
+import distributed
+from arcface.evaluate import evaluate_retrieval
+from arcface.inshop import InShop
+from tools.common import (LoadedModel, add_model_args, default_data_root, metadata_of,
+                          model_from_args, run_cli, training_config, write_json)
+from trainer import autocast_dtype
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser)
+    parser.add_argument("--data_root", default=None,
+                        help="In-Shop root (Eval/list_eval_partition.txt, Img/); default: the training data")
+    parser.add_argument("--recall_at", type=int, nargs="+", default=None, help="default: the training config's")
+    parser.add_argument("--map_at", type=int, nargs="+", default=None, help="default: the training config's")
+    parser.add_argument("--ap_mode", choices=("IR", "integrate"), default=None)
+    parser.add_argument("--batch_size", type=int, default=None, help="images per process and batch")
+    parser.add_argument("--num_workers", type=int, default=None, help="loader processes per process")
+    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"))
+    parser.add_argument("--amp", default=None, choices=("auto", "bf16", "fp16", "off"),
+                        help="autocast dtype; default: the training config's (float32 on a CPU)")
+    parser.add_argument("--out", default=None, help="also write the metrics to this JSON file")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    with process_group(args.device) as device:
+        model = model_from_args(args)
+        settings = evaluation_settings(args, model)
+        data_root = Path(args.data_root) if args.data_root else default_data_root(model)
+        metrics = evaluate(model, data_root, device, **settings)
+        if distributed.is_main_process():
+            report = {**metadata_of(model), "data_root": str(data_root), **metrics}
+            print(format_metrics(report))
+            if args.out:
+                write_json(report, args.out)
+                print(f"written to {args.out}")
+    return 0
+
+
+def evaluation_settings(args: argparse.Namespace, model: LoadedModel) -> dict[str, Any]:
+    """Flags where given, else the training configuration (the trainer's own evaluation), else defaults."""
+    cfg = training_config(model.config, Path(model.source)) if model.config else None
+    return {
+        "recall_at": tuple(args.recall_at or (cfg.recall_at if cfg else (1, 5, 10))),
+        "map_at": tuple(args.map_at or (cfg.map_at if cfg else (10,))),
+        "ap_mode": args.ap_mode or (cfg.ap_mode if cfg else "IR"),
+        "batch_size": args.batch_size or (cfg.eval_batch_size if cfg else 64),
+        "num_workers": args.num_workers if args.num_workers is not None else (cfg.num_workers if cfg else 4),
+        "amp": args.amp or (cfg.amp if cfg else "off"),
+        "channels_last": cfg.channels_last if cfg else False,
+    }
+
+
+def evaluate(model: LoadedModel, data_root: Path, device: torch.device, recall_at: tuple[int, ...] = (1,),
+             map_at: tuple[int, ...] = (10,), ap_mode: str = "IR", batch_size: int = 64,
+             num_workers: int = 0, amp: str = "off", channels_last: bool = False) -> dict[str, float]:
+    """Query split against gallery split of `data_root`; the same dict on every process."""
+    transform = model.preprocess.transform()
+    query_set = InShop(data_root, "query", transform=transform)
+    gallery_set = InShop(data_root, "gallery", transform=transform)
+    module = model.module.to(device)
+    metrics = evaluate_retrieval(
+        module, query_set, gallery_set, batch_size=batch_size, device=device, recall_at=recall_at,
+        map_at=map_at, ap_mode=ap_mode, num_workers=num_workers,
+        autocast_dtype=autocast_dtype(amp, device), channels_last=channels_last,
+        progress=distributed.is_main_process(),
+    )
+    return {**metrics, "num_gallery": len(gallery_set)}
+
+
+@contextlib.contextmanager
+def process_group(requested_device: str) -> Iterator[torch.device]:
+    """Under torchrun (WORLD_SIZE set) a process group on this process's device; else just the device."""
+    device = distributed.pick_device(requested_device, distributed.local_rank())
+    if "WORLD_SIZE" not in os.environ:
+        yield device
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=distributed.backend_for(device))
+    try:
+        yield device
+    finally:
+        dist.destroy_process_group()
+
+
+def format_metrics(report: dict[str, Any]) -> str:
+    scores = " | ".join(f"{key} {value:.2f}" for key, value in report.items() if "@" in key)
+    return (f"{report['model']} on {report['data_root']}\n"
+            f"{report['num_queries']} queries, {report['num_gallery']} gallery images | {scores}")
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
