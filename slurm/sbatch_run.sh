@@ -115,7 +115,7 @@ export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 
 echo "slurm/sbatch_run.sh: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $nnodes node(s) x $nproc process(es), rendezvous $head_addr:$rdzv_port"
 
-
+# (A stop requested while the lines above ran skips training and goes straight to the requeue.)
 if [[ -z $stop_signal ]]; then
     # In the background, because bash runs a trap only once the foreground command has returned.
     # No --kill-on-bad-exit: after a stop signal the first node to finish would get rank 0 killed

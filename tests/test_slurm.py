@@ -115,35 +115,49 @@ def test_sbatch_run_one_node(cluster, project):
     print(f"one-node sbatch_run.sh: {time.monotonic() - start:.1f} s")
 
 
-@pytest.mark.slurm
-@needs_slurm
-def test_sbatch_run_requeues_on_usr1_and_resumes(cluster, project):
-    """USR1 to the batch shell (what --signal=B:USR1@120 sends before the time limit): the
-    workers save mid-epoch, the job requeues itself, and the rerun finishes every epoch once."""
-    start, total_epochs = time.monotonic(), 8
-    job_id = submit(cluster, project, "slurm/sbatch_run.sh", str(total_epochs), "1", *SMOKE)
+def preempt_and_finish(
+    cluster: SlurmCluster, project: Path, script: str, scancel_args: tuple[str, ...],
+    total_epochs: int, sbatch_args: tuple[str, ...] = (),
+) -> tuple[str, str]:
+    """Submit, send USR1 once the first snapshot exists, wait for the requeue and the end.
+
+    Checks what every preempted run must show: one requeue, a mid-epoch stop, a resume at exactly
+    that step, every epoch trained once. Returns the job id and its log.
+    """
+    job_id = submit(cluster, project, script, str(total_epochs), "1", *SMOKE, sbatch_args=sbatch_args)
     log = project / f"slurm-{job_id}.out"
     run_dir = project / "runs" / f"slurm-{job_id}"
     wait_for((run_dir / "snapshot.pt").exists, JOB_TIMEOUT_S, "the first snapshot", cluster, log)
-    cluster.run("scancel", "--signal=USR1", "--batch", job_id)
+    cluster.run("scancel", "--signal=USR1", *scancel_args, job_id)
 
-    requeued_or_over = lambda: cluster.job_field(job_id, "Restarts") != "0" or cluster.job_field(job_id, "JobState") in FINISHED_STATES
+    def requeued_or_over() -> bool:
+        return cluster.job_field(job_id, "Restarts") != "0" or cluster.job_field(job_id, "JobState") in FINISHED_STATES
+
     wait_for(requeued_or_over, 120, "the requeue", cluster, log)
     assert cluster.job_field(job_id, "Restarts") == "1", f"the job ended without a requeue\n{_read(log)}"
     state = wait_for_job(cluster, job_id, log)
     log_text = _read(log)
     assert state == "COMPLETED", f"{log_text}\n{cluster.logs()}"
     assert cluster.job_field(job_id, "ExitCode") == "0:0"
-    assert "got SIGUSR1" in log_text and "requeueing job" in log_text
-    stop = re.search(r"stopped by SIGTERM at epoch (\d+) step (\d+)", log_text)
-    assert stop, log_text
+    assert f"job {job_id} (restart 1)" in log_text and f"requeueing job {job_id}" in log_text
+    stop = re.search(r"stopped by SIG\w+ at epoch (\d+) step (\d+)", log_text)
     resume = re.search(r"resuming from snapshot \S+ at epoch (\d+)(?: step (\d+))?", log_text)
-    assert resume, log_text
+    assert stop and resume, log_text
     # The trainer counts the epoch in progress from 1 when stopping, and epochs done when resuming.
     assert int(resume.group(1)) == int(stop.group(1)) - 1, log_text
-    assert int(resume.group(2) or 0) == int(stop.group(2)), log_text
-    assert f"job {job_id} (restart 1)" in log_text
+    assert int(resume.group(2) or 0) == int(stop.group(2)) > 0, log_text
     assert_finished_run(run_dir, total_epochs, log_text)
+    return job_id, log_text
+
+
+@pytest.mark.slurm
+@needs_slurm
+def test_sbatch_run_requeues_on_usr1_and_resumes(cluster, project):
+    """USR1 to the batch shell only (what --signal=B:USR1@120 sends before the time limit): the
+    shell stops torchrun's workers with SIGTERM, they save mid-epoch, the job requeues itself."""
+    start = time.monotonic()
+    _, log_text = preempt_and_finish(cluster, project, "slurm/sbatch_run.sh", ("--batch",), total_epochs=6)
+    assert "got SIGUSR1" in log_text and "stopped by SIGTERM" in log_text
     print(f"preempted and requeued sbatch_run.sh: {time.monotonic() - start:.1f} s")
 
 
@@ -166,20 +180,17 @@ def test_sbatch_run_two_nodes(cluster, project):
 
 @pytest.mark.slurm
 @needs_slurm
-def test_srun_run_two_nodes(cluster, project):
-    """srun alone, one task per node: ranks, world size and MASTER_ADDR come from slurm_env."""
+def test_srun_run_two_nodes_requeues_on_usr1_and_resumes(cluster, project):
+    """srun alone, one task per node: ranks and MASTER_ADDR come from slurm_env; USR1 to the
+    job's steps (what --signal=USR1@120 sends) reaches the tasks directly, then the job requeues."""
     start = time.monotonic()
-    job_id = submit(
-        cluster, project, "slurm/srun_run.sh", "2", "1", *SMOKE, sbatch_args=("--nodes=2", "--ntasks-per-node=1")
+    _, log_text = preempt_and_finish(
+        cluster, project, "slurm/srun_run.sh", (), total_epochs=6, sbatch_args=("--nodes=2", "--ntasks-per-node=1")
     )
-    log = project / f"slurm-{job_id}.out"
-    state = wait_for_job(cluster, job_id, log)
-    log_text = _read(log)
-    assert state == "COMPLETED", f"{log_text}\n{cluster.logs()}"
     assert "2 task(s) on 2 node(s)" in log_text
     assert "global rank 0 of 2" in log_text and "global rank 1 of 2" in log_text
-    assert_finished_run(project / "runs" / f"slurm-{job_id}", 2, log_text)
-    print(f"two-node srun_run.sh: {time.monotonic() - start:.1f} s")
+    assert "stopped by SIGUSR1" in log_text
+    print(f"two-node srun_run.sh, preempted and requeued: {time.monotonic() - start:.1f} s")
 
 
 # --------------------------------------------------------------------------------------------
