@@ -2,9 +2,9 @@
 
 All nodes share 127.0.0.1 and differ by slurmd port, so a two-node job runs two `srun` tasks on
 the same machine with SLURM_NODEID 0 and 1. Configuration, state, spool, logs and pid files live in
-one temporary directory; the daemons are stopped by the PIDs in their pid files, never by name.
-Needs root (slurmd starts jobs as their owner) and the Debian packages
-`slurmctld slurmd slurm-client munge` (see .ci/install_slurm.sh).
+one temporary directory, and the cluster has a munged of its own; the daemons are stopped by the
+PIDs in their pid files, never by name. Needs root (slurmd starts jobs as their owner) and the
+Debian packages `slurmctld slurmd slurm-client munge` (see .ci/install_slurm.sh).
 """
 
 from __future__ import annotations
@@ -16,14 +16,13 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-DAEMONS = ("slurmctld", "slurmd", "munged", "munge", "sbatch")
-MUNGE_RUN_DIR = Path("/run/munge")
-MUNGE_PID_FILE = MUNGE_RUN_DIR / "munged.pid"
+REQUIRED_PROGRAMS = ("slurmctld", "slurmd", "munged", "munge", "sbatch")
 HOSTS_FILE = Path("/etc/hosts")
 
 
@@ -62,7 +61,7 @@ class SlurmCluster:
 
 def missing_requirement() -> str | None:
     """Why a local cluster cannot start here, or None when it can."""
-    for program in DAEMONS:
+    for program in REQUIRED_PROGRAMS:
         if shutil.which(program) is None and not Path("/usr/sbin", program).exists():
             return f"{program} is not installed (run .ci/install_slurm.sh: apt-get install slurmctld slurmd slurm-client munge)"
     if os.geteuid() != 0:
@@ -72,27 +71,28 @@ def missing_requirement() -> str | None:
 
 @contextlib.contextmanager
 def local_cluster(root: Path, nodes: tuple[str, ...] = ("n1", "n2"), cpus: int = 2) -> Iterator[SlurmCluster]:
-    """Start munge (when not already running), slurmctld and one slurmd per node; stop them after."""
+    """Start a private munged, slurmctld and one slurmd per node; stop them all afterwards."""
     ensure_host_aliases(nodes)
-    started_munge = ensure_munge()
-    pid_files: list[Path] = []
+    munge_dir = Path(tempfile.mkdtemp(prefix="slurmtest-munge-"))
+    munge_pid_file = munge_dir / "munged.pid"
+    ctld_pid_file = root / "run" / "slurmctld.pid"
+    node_pid_files = [root / "run" / f"slurmd-{node}.pid" for node in nodes]
+    cluster = None
     try:
-        conf = write_config(root, nodes, cpus)
-        env = client_env(conf)
-        cluster = SlurmCluster(root=root, conf=conf, nodes=nodes, env=env)
-        pid_files.append(root / "run" / "slurmctld.pid")
-        _start_daemon(["slurmctld", "-f", str(conf)], pid_files[-1], cluster)
-        for node in nodes:
-            pid_files.append(root / "run" / f"slurmd-{node}.pid")
-            _start_daemon(["slurmd", "-f", str(conf), "-N", node], pid_files[-1], cluster)
+        munge_socket = start_munge(munge_dir)
+        conf = write_config(root, nodes, cpus, munge_socket)
+        cluster = SlurmCluster(root=root, conf=conf, nodes=nodes, env=client_env(conf))
+        _start_daemon(["slurmctld", "-f", str(conf)], ctld_pid_file, cluster)
+        for node, pid_file in zip(nodes, node_pid_files):
+            _start_daemon(["slurmd", "-f", str(conf), "-N", node], pid_file, cluster)
         wait_for_idle(cluster, timeout=30)
         yield cluster
-        _cancel_all_jobs(cluster)
     finally:
-        for pid_file in reversed(pid_files):
+        if cluster is not None and _pid_from(ctld_pid_file) is not None:
+            _cancel_all_jobs(cluster)
+        for pid_file in [*node_pid_files, ctld_pid_file, munge_pid_file]:
             stop_by_pid_file(pid_file)
-        if started_munge:
-            stop_by_pid_file(MUNGE_PID_FILE)
+        shutil.rmtree(munge_dir, ignore_errors=True)
 
 
 def ensure_host_aliases(nodes: tuple[str, ...]) -> None:
@@ -111,32 +111,42 @@ def _resolves_to_loopback(name: str) -> bool:
         return False
 
 
-def ensure_munge() -> bool:
-    """Start munged as the munge user unless a working one answers; True when this call started it."""
-    if _munge_works():
-        return False
-    # Without systemd nobody creates the runtime directory, and munged refuses to run as root.
-    MUNGE_RUN_DIR.mkdir(mode=0o755, exist_ok=True)
-    shutil.chown(MUNGE_RUN_DIR, "munge", "munge")
-    subprocess.run(["runuser", "-u", "munge", "--", "munged"], check=True, timeout=30)
+def start_munge(run_dir: Path) -> Path:
+    """Start a munged of this cluster's own on a private socket; returns the socket path.
+
+    A private daemon rather than the host's: no systemd creates /run/munge here, and a second
+    test session stopping a shared munged would break this one's jobs. munged is meant to run as
+    the munge user, so it gets a directory that user owns.
+    """
+    shutil.chown(run_dir, "munge", "munge")
+    run_dir.chmod(0o755)
+    socket_path = run_dir / "munge.socket"
+    subprocess.run(
+        ["runuser", "-u", "munge", "--", "munged", f"--socket={socket_path}",
+         f"--pid-file={run_dir / 'munged.pid'}", f"--log-file={run_dir / 'munged.log'}",
+         f"--seed-file={run_dir / 'munged.seed'}"],
+        check=True, timeout=30,
+    )
     deadline = time.monotonic() + 10
-    while not _munge_works():
+    while not _munge_works(socket_path):
         if time.monotonic() > deadline:
-            raise RuntimeError("munged started but `munge -n | unmunge` still fails after 10 s")
+            raise RuntimeError(f"munged started but `munge -n | unmunge` on {socket_path} still fails after 10 s")
         time.sleep(0.2)
-    return True
+    return socket_path
 
 
-def _munge_works() -> bool:
+def _munge_works(socket_path: Path) -> bool:
     try:
-        credential = subprocess.run(["munge", "-n"], capture_output=True, timeout=5, check=True).stdout
-        subprocess.run(["unmunge"], input=credential, capture_output=True, timeout=5, check=True)
+        credential = subprocess.run(
+            ["munge", "-n", "-S", str(socket_path)], capture_output=True, timeout=5, check=True
+        ).stdout
+        subprocess.run(["unmunge", "-S", str(socket_path)], input=credential, capture_output=True, timeout=5, check=True)
     except (subprocess.SubprocessError, OSError):
         return False
     return True
 
 
-def write_config(root: Path, nodes: tuple[str, ...], cpus: int) -> Path:
+def write_config(root: Path, nodes: tuple[str, ...], cpus: int, munge_socket: Path) -> Path:
     """Write slurm.conf for a controller on localhost and `nodes` on 127.0.0.1, on free ports."""
     for sub in ("state", "spool", "run", "log"):
         (root / sub).mkdir(parents=True, exist_ok=True)
@@ -148,7 +158,7 @@ def write_config(root: Path, nodes: tuple[str, ...], cpus: int) -> Path:
         "SlurmUser=root",
         "AuthType=auth/munge",
         # A requeued job waits cred_expire seconds (default 120) before it may start again.
-        "AuthInfo=cred_expire=5",
+        f"AuthInfo=socket={munge_socket},cred_expire=5",
         "ProctrackType=proctrack/linuxproc",
         "TaskPlugin=task/none",
         "JobAcctGatherType=jobacct_gather/none",
@@ -232,7 +242,7 @@ def wait_for_idle(cluster: SlurmCluster, timeout: float) -> None:
 
 def _cancel_all_jobs(cluster: SlurmCluster) -> None:
     """Jobs outlive slurmd (slurmstepd keeps them), so end them while the controller still runs."""
-    subprocess.run(["scancel", "--full", "--user", "root"], env=cluster.env, capture_output=True, timeout=30)
+    subprocess.run(["scancel", "--full", "--user", "root"], env=cluster.env, capture_output=True, timeout=60)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         queue = subprocess.run(["squeue", "-h"], env=cluster.env, capture_output=True, text=True, timeout=10)
