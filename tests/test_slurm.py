@@ -253,3 +253,92 @@ def test_scripts_parse_and_pass_shellcheck(script):
         pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
     result = subprocess.run(["shellcheck", str(path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# The scripts' command lines, with srun and scontrol replaced by recorders: no Slurm needed, and
+# the GPU branches run too.
+
+STUB_SRUN = """#!/bin/bash
+if [[ " $* " == *" hostname "* ]]; then echo "10.1.2.3 172.17.0.1"; exit 0; fi
+echo "srun $* | TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-} OMP_NUM_THREADS=${OMP_NUM_THREADS:-}" >> "$STUB_LOG"
+exit "${STUB_SRUN_EXIT:-0}"
+"""
+STUB_SCONTROL = """#!/bin/bash
+if [[ $1 == show && $2 == hostnames ]]; then printf 'gpu-a\\ngpu-b\\n'; exit 0; fi
+echo "scontrol $*" >> "$STUB_LOG"
+"""
+
+
+def run_with_stubs(tmp_path: Path, script: str, *args: str, **env: str) -> tuple[int, list[str]]:
+    """Run a slurm/ script as Slurm would (from its own copy, SLURM_SUBMIT_DIR = project root)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in {"srun": STUB_SRUN, "scontrol": STUB_SCONTROL}.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    spool_copy = tmp_path / "slurm_script"
+    shutil.copy(SLURM_DIR / script, spool_copy)
+    log = tmp_path / "calls.log"
+    log.write_text("")
+    base = {
+        "PATH": f"{bin_dir}:{Path(sys.executable).parent}:/usr/bin:/bin",
+        "STUB_LOG": str(log),
+        "SLURM_SUBMIT_DIR": str(REPO),
+        "SLURM_JOB_ID": "77",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_JOB_NODELIST": "gpu-[a-b]",
+        "SLURM_NTASKS": "16",
+    }
+    result = subprocess.run(
+        ["bash", str(spool_copy), *args], env={**base, **env}, capture_output=True, text=True, timeout=60
+    )
+    return result.returncode, log.read_text().splitlines()
+
+
+def test_sbatch_run_command_line_on_gpu_nodes(tmp_path):
+    code, calls = run_with_stubs(
+        tmp_path, "sbatch_run.sh", "5", "1", "--config", "configs/smoke.toml",
+        SLURM_GPUS_ON_NODE="8", SLURM_CPUS_PER_TASK="96",
+    )
+    assert code == 0
+    port = 15000 + 77
+    assert calls == [
+        "srun --cpus-per-task 96 torchrun --nnodes 2 --nproc_per_node 8 --rdzv_id 77 --rdzv_backend c10d "
+        f"--rdzv_endpoint 10.1.2.3:{port} --max-restarts 3 multinode.py 5 1 --config configs/smoke.toml "
+        "--out_dir runs/slurm-77 | TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 OMP_NUM_THREADS="
+    ]
+
+
+@pytest.mark.parametrize(
+    "env, nproc",
+    [
+        ({"CUDA_VISIBLE_DEVICES": "0,1,2,3"}, "4"),  # --gres=gpu:4 sites
+        ({"CUDA_VISIBLE_DEVICES": "NoDevFiles"}, "2"),
+        ({}, "2"),  # no GPUs: CPU_PROCS_PER_NODE, default 2
+        ({"CPU_PROCS_PER_NODE": "3"}, "3"),
+    ],
+)
+def test_sbatch_run_workers_per_node(tmp_path, env, nproc):
+    code, calls = run_with_stubs(tmp_path, "sbatch_run.sh", **env)
+    assert code == 0 and f"--nproc_per_node {nproc} " in calls[0]
+    assert "--cpus-per-task" not in calls[0]  # not asked for, not forwarded
+
+
+def test_sbatch_run_keeps_the_users_out_dir_and_exit_code(tmp_path):
+    code, calls = run_with_stubs(tmp_path, "sbatch_run.sh", "--out_dir=/scratch/r1", STUB_SRUN_EXIT="3")
+    assert code == 3  # a failed training step fails the job; no requeue
+    assert calls[0].split(" | ")[0].endswith("multinode.py --out_dir=/scratch/r1")
+    assert not any(call.startswith("scontrol requeue") for call in calls)
+
+
+def test_srun_run_command_line_and_requeue_after_usr1(tmp_path):
+    code, calls = run_with_stubs(tmp_path, "srun_run.sh", "5", "1", SLURM_CPUS_PER_TASK="12")
+    assert code == 0
+    assert calls == ["srun --cpus-per-task 12 python3 multinode.py 5 1 --out_dir runs/slurm-77 "
+                     "| TORCH_DISABLE_SHARE_RDZV_TCP_STORE= OMP_NUM_THREADS=12"]
+    # Tasks that saved their snapshot after SIGUSR1 exit with 128 + 10: the job goes back to the queue.
+    code, calls = run_with_stubs(tmp_path, "srun_run.sh", "5", "1", STUB_SRUN_EXIT="138")
+    assert calls[-1] == "scontrol requeue 77" and code == 138
+    code, calls = run_with_stubs(tmp_path, "srun_run.sh", STUB_SRUN_EXIT="1")
+    assert code == 1 and calls[-1].startswith("srun ")  # a crash is not requeued
