@@ -91,7 +91,8 @@ fi
 
 # The rendezvous lives on the first node of the allocation (where this shell runs). Ask that node
 # for its address rather than trusting its name to resolve the same way everywhere.
-head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
+# awk, not head: head would exit early, scontrol would die of SIGPIPE, and pipefail would end the job.
+head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | awk 'NR == 1')
 head_addr=$(srun --nodes=1 --ntasks=1 -w "$head_node" hostname --ip-address | awk '{print $1}')
 # Same job id, same port on every node and after a requeue; slurm_env.py owns the formula.
 rdzv_port=${RDZV_PORT:-$(python3 -c 'import slurm_env, os; print(slurm_env.default_master_port(os.environ["SLURM_JOB_ID"]))')}
