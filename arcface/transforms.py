@@ -32,8 +32,10 @@ def load_image(path: str | os.PathLike) -> torch.Tensor:
 class NormalizeUint8:
     """uint8 (3, H, W) image -> float32 (x - mean) / std, with mean and std on the 0-255 scale.
 
-    One float conversion and two in-place passes: the usual ToDtype(scale=True) + Normalize pair
-    allocates two fresh float images and costs about 10x more, more than the resize itself.
+    One float conversion, one layout change and two in-place passes. The decoder returns
+    channels-last memory (H, W, 3 viewed as 3, H, W), which keeps the uint8 resize fast but makes
+    per-channel arithmetic slow; converting to float first, then to contiguous (3, H, W), then
+    normalising in place is ~5x cheaper than ToDtype(scale=True) + Normalize on that layout.
     """
 
     def __init__(self, mean: tuple[float, ...] = MEAN_RGB, std: tuple[float, ...] = STD_RGB) -> None:
@@ -45,7 +47,7 @@ class NormalizeUint8:
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         if image.dtype != torch.uint8:
             raise TypeError(f"expected a uint8 image tensor (as load_image returns), got {image.dtype}")
-        return image.to(torch.float32).mul_(self.scale).add_(self.shift)
+        return image.to(torch.float32).contiguous().mul_(self.scale).add_(self.shift)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(mean={self.mean}, std={self.std})"

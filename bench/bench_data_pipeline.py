@@ -75,7 +75,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         paths = make_jpegs(Path(folder))
         results = []
+        print("images per second of CPU time, one thread (= one loader worker on its own core)")
         print(f"{'decode':<8}{'pipeline':<10}{'size':<10}{'images/s':>10}{'ms/image':>10}")
+        for decoder, load in (("pil", load_pil), ("tensor", transforms.load_image)):
+            rate = images_per_second(paths, load, lambda image: image, args.seconds)
+            print(f"{decoder:<8}{'decode':<10}{'256':<10}{rate:>10.0f}{1000 / rate:>10.2f}")
+            results.append({"decode": decoder, "pipeline": "decode only", "resize": None, "crop": None, "images_per_s": round(rate, 1)})
         for resize, crop in SIZES:
             for train in (True, False):
                 for decoder in ("pil", "tensor"):

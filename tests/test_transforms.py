@@ -40,12 +40,16 @@ def test_constant_image_normalises_to_closed_form(make):
         assert torch.allclose(out[channel].double(), torch.full((32, 32), expected[channel], dtype=torch.float64), atol=1e-5)
 
 
-def test_test_pipeline_is_a_centre_crop_of_the_normalised_image():
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_test_pipeline_is_a_centre_crop_of_the_normalised_image(channels_last: bool):
     # Resizing to the image's own size must change nothing, so the output is an exact centre crop.
     image = random_image(40, 40, seed=1)
+    if channels_last:  # the memory layout the decoder returns: (H, W, 3) viewed as (3, H, W)
+        image = image.permute(1, 2, 0).contiguous().permute(2, 0, 1)
     out = transforms.test_transform(40, 32)(image)
     expected = normalised_float64(image)[:, 4:36, 4:36]
     assert torch.allclose(out.double(), expected, atol=1e-5)
+    assert out.is_contiguous()
 
 
 def test_test_pipeline_is_deterministic():
@@ -133,3 +137,9 @@ def test_load_image_names_a_corrupt_file(tmp_path: Path):
 def test_load_image_names_a_missing_file(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match="absent.jpg"):
         transforms.load_image(tmp_path / "absent.jpg")
+
+
+def test_normalisation_refuses_float_input():
+    # A float image in [0, 1] normalised with 0-255 statistics would be silently wrong.
+    with pytest.raises(TypeError, match="uint8"):
+        transforms.test_transform(32, 32)(torch.rand(3, 32, 32))
