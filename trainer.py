@@ -116,6 +116,7 @@ class Trainer:
                 train_stats = self._run_epoch(epoch)
                 if self.stop_signal is not None:
                     self._save_snapshot()
+                    self._wait_for_all()
                     self._say(f"stopped by {signal.Signals(self.stop_signal).name} at epoch {epoch + 1} "
                               f"step {self.step_in_epoch}; snapshot saved to {self.snapshot_path}")
                     return 128 + self.stop_signal
@@ -126,6 +127,7 @@ class Trainer:
                     self._evaluate(self.epochs_run)
                 if last or self.epochs_run % cfg.save_every == 0:
                     self._save_snapshot()
+            self._wait_for_all()
             if self.best:
                 self._say(f"done: best recall@1 {self.best['recall@1']:.2f} at epoch {self.best['epoch']}; "
                           f"outputs in {cfg.out_dir}")
@@ -240,6 +242,12 @@ class Trainer:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")  # one write per line: no partial line on a crash
         print(format_record(record, self.cfg.total_epochs), flush=True)
+
+    def _wait_for_all(self) -> None:
+        """Every rank leaves only after rank 0's snapshot is on disk, so a launcher that ends the
+        job when its first task exits (srun --kill-on-bad-exit) cannot interrupt the write."""
+        if self.world_size > 1:
+            dist.barrier()
 
     def _say(self, text: str) -> None:
         if self.is_main:
