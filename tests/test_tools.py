@@ -1,0 +1,390 @@
+"""The retrieval tools (tools/) end to end on one smoke training run."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+import single_gpu
+from arcface.inshop import InShop
+from arcface.transforms import load_image, test_transform
+from config import parse_config
+from datautils import synthetic_root
+from tools import evaluate, export, search, visualize
+from tools.common import IndexMismatch, load_model, run_cli
+from trainer import SnapshotMismatch, atomic_torch_save, load_snapshot
+
+ROOT = Path(__file__).resolve().parents[1]
+QUIET = ["--num_workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> SimpleNamespace:
+    """One smoke training run: its snapshot, metrics.jsonl records and synthetic In-Shop root."""
+    out = tmp_path_factory.mktemp("run")
+    cfg = parse_config(["1", "1", "--config", str(ROOT / "configs" / "smoke.toml"), "--out_dir", str(out),
+                        "--synthetic_dir", str(out / "synthetic")])
+    assert single_gpu.main(cfg) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    last_eval = [record for record in records if "recall@1" in record][-1]
+    snapshot = load_snapshot(out / "snapshot.pt")
+    return SimpleNamespace(snapshot=out / "snapshot.pt", last_eval=last_eval, root=synthetic_root(cfg),
+                           num_classes=snapshot["num_classes"], out=out)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def same_metrics(report: dict, expected: dict, keys=("recall@1", "recall@5", "mAP@10")) -> None:
+    for key in keys:
+        assert report[key] == pytest.approx(expected[key], abs=1e-6), key
+
+
+# ------------------------------------------------------------------------------------------
+# evaluate
+
+
+def test_evaluate_equals_the_trainers_last_evaluation(run, tmp_path):
+    assert evaluate.main([str(run.snapshot), "--out", str(tmp_path / "m.json")]) == 0
+    report = read_json(tmp_path / "m.json")
+    same_metrics(report, run.last_eval)
+    assert Path(report["data_root"]) == run.root  # the data the snapshot was trained on
+    assert report["num_queries"] == len(InShop(run.root, "query"))
+
+
+def test_evaluate_under_torchrun_equals_one_process(run, tmp_path):
+    flags = ["--recall_at", "1", "2", "4", "--map_at", "3", "10", "--batch_size", "5"]
+    assert evaluate.main([str(run.snapshot), *flags, "--out", str(tmp_path / "one.json")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": ""}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "tools/evaluate.py", str(run.snapshot), *flags, *QUIET, "--out", str(tmp_path / "two.json")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = read_json(tmp_path / "one.json"), read_json(tmp_path / "two.json")
+    assert two["num_queries"] == one["num_queries"] and two["num_gallery"] == one["num_gallery"]
+    same_metrics(two, one, keys=("recall@1", "recall@2", "recall@4", "mAP@3", "mAP@10"))
+
+
+def test_mmpretrain_argument_errors(run):
+    with pytest.raises(ValueError, match="--arch"):
+        evaluate.main(["--mmpretrain", str(run.snapshot), "--num_classes", "3"])
+    with pytest.raises(ValueError, match="MODEL file"):
+        evaluate.main([])
+
+
+# ------------------------------------------------------------------------------------------
+# mmpretrain checkpoints
+
+
+def mmpretrain_checkpoint(snapshot_path: Path, path: Path, retriever_layout: bool) -> Path:
+    """The snapshot's weights under mmpretrain's key names (classifier or retriever layout)."""
+    state = {}
+    for key, tensor in load_snapshot(snapshot_path)["model"].items():
+        if key == "head.weight":
+            key = "head.norm_product.weight"
+        elif retriever_layout and key.startswith("backbone."):
+            key = "image_encoder.0." + key.removeprefix("backbone.")
+        state[key] = tensor
+    state["data_preprocessor.mean"] = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
+    torch.save({"meta": {"mmpretrain_version": "1.2.0"}, "state_dict": state}, path)
+    return path
+
+
+@pytest.mark.parametrize("retriever_layout", [False, True], ids=["classifier", "retriever"])
+def test_mmpretrain_checkpoint_evaluates_like_the_snapshot(run, tmp_path, retriever_layout):
+    checkpoint = mmpretrain_checkpoint(run.snapshot, tmp_path / "arcface.pth", retriever_layout)
+    model_flags = ["--mmpretrain", str(checkpoint), "--arch", "resnet18", "--num_classes", str(run.num_classes),
+                   "--resize", "32", "--crop", "28"]
+    assert evaluate.main([*model_flags, "--data_root", str(run.root), "--recall_at", "1", "5",
+                          "--batch_size", "32", *QUIET, "--out", str(tmp_path / "m.json")]) == 0
+    same_metrics(read_json(tmp_path / "m.json"), run.last_eval)
+    with pytest.raises(ValueError, match="shape"):  # two sub-centers per class: a head twice as tall
+        evaluate.main([*model_flags, "--sub_centers", "2", "--data_root", str(run.root)])
+
+
+def test_mmpretrain_checkpoint_searches(run, tmp_path):
+    checkpoint = mmpretrain_checkpoint(run.snapshot, tmp_path / "arcface.pth", retriever_layout=False)
+    image = InShop(run.root, "gallery").samples[3][0]
+    assert search.main(["--mmpretrain", str(checkpoint), "--arch", "resnet18", "--num_classes",
+                        str(run.num_classes), "--resize", "32", "--crop", "28", "--gallery", str(run.root),
+                        "--query", image, *QUIET, "--json", str(tmp_path / "r.json")]) == 0
+    assert (tmp_path / "arcface.index.pt").exists()  # default index: next to the checkpoint
+    assert read_json(tmp_path / "r.json")["results"][0]["matches"][0]["path"] == image
+
+
+# ------------------------------------------------------------------------------------------
+# search
+
+
+def embedding_of(model, path: str) -> torch.Tensor:
+    image = test_transform(model.preprocess.resize, model.preprocess.crop)(load_image(path))
+    with torch.no_grad():
+        return model.module(image[None])[0].double()
+
+
+def test_search_finds_a_gallery_image_first_with_cosine_scores(run, tmp_path):
+    gallery = InShop(run.root, "gallery")
+    image = gallery.samples[5][0]
+    assert search.main([str(run.snapshot), "--query", image, "--index", str(tmp_path / "g.idx"),
+                        "--top_k", "4", *QUIET, "--json", str(tmp_path / "r.json")]) == 0
+    (result,) = read_json(tmp_path / "r.json")["results"]
+    matches = result["matches"]
+    assert matches[0]["path"] == image and matches[0]["score"] == pytest.approx(1.0, abs=1e-5)
+    assert [m["rank"] for m in matches] == [1, 2, 3, 4]
+    assert all(a["score"] >= b["score"] for a, b in zip(matches, matches[1:]))
+    # Scores are cosine similarities: recompute one in float64 from the model itself.
+    model = load_model(run.snapshot)
+    query, other = embedding_of(model, image), embedding_of(model, matches[2]["path"])
+    cosine = torch.nn.functional.cosine_similarity(query, other, dim=0).item()
+    assert matches[2]["score"] == pytest.approx(cosine, abs=1e-5)
+    # Gallery items come from the partition file.
+    item_of = {path: gallery.item_ids[label] for path, label in gallery.samples}
+    assert all(m["item"] == item_of[m["path"]] for m in matches)
+
+
+def test_search_inshop_queries_know_their_items(run, tmp_path, capsys):
+    assert search.main([str(run.snapshot), "--query", str(run.root), "--max_queries", "3", "--index",
+                        str(tmp_path / "g.idx"), *QUIET, "--json", str(tmp_path / "r.json")]) == 0
+    results = read_json(tmp_path / "r.json")["results"]
+    query_set = InShop(run.root, "query")
+    item_of = {path: query_set.item_ids[label] for path, label in query_set.samples}
+    assert len(results) == 3 and len({r["query"] for r in results}) == 3
+    assert all(r["item"] == item_of[r["query"]] for r in results)
+    assert "query 3/3" in capsys.readouterr().out
+
+
+def perturbed_snapshot(run, path: Path, key: str) -> Path:
+    snapshot = load_snapshot(run.snapshot)
+    snapshot["model"][key] = snapshot["model"][key] + 0.05
+    atomic_torch_save(snapshot, path)
+    return path
+
+
+def test_index_is_reused_until_the_model_changes(run, tmp_path, capsys):
+    index = tmp_path / "g.idx"
+    query = InShop(run.root, "gallery").samples[0][0]
+
+    def search_with(model: Path, *flags: str) -> str:
+        search.main([str(model), "--query", query, "--index", str(index), *QUIET, *flags])
+        return capsys.readouterr().out
+
+    assert "written to" in search_with(run.snapshot)
+    built = os.stat(index).st_mtime_ns
+    assert "using the index" in search_with(run.snapshot)
+    assert os.stat(index).st_mtime_ns == built
+    # The ArcFace head plays no part in embeddings: changing it keeps the index.
+    head_changed = perturbed_snapshot(run, tmp_path / "head.pt", "head.weight")
+    assert "using the index" in search_with(head_changed)
+    # Other backbone weights: refused with --no_rebuild, rebuilt otherwise.
+    retrained = perturbed_snapshot(run, tmp_path / "retrained.pt", "backbone.conv1.weight")
+    old, new = load_model(run.snapshot).fingerprint, load_model(retrained).fingerprint
+    assert old != new
+    with pytest.raises(IndexMismatch, match=f"another model.*{old}.*{new}"):
+        search_with(retrained, "--no_rebuild")
+    rebuilt = search_with(retrained)
+    assert "built by another model" in rebuilt and "rebuilding" in rebuilt
+    assert torch.load(index, weights_only=True)["fingerprint"] == new
+
+
+def test_folder_gallery_is_searched_recursively_and_rebuilt_when_it_changes(run, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    sources = [path for path, _ in InShop(run.root, "gallery").samples[:4]]
+    for number, source in enumerate(sources):
+        target = folder / f"level{number % 2}" / "deeper" / f"photo{number}.jpg"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(Path(source).read_bytes())
+    flags = ["--gallery", str(folder), "--index", str(tmp_path / "f.idx"), "--top_k", "2", *QUIET]
+    assert search.main([str(run.snapshot), "--query", str(folder), *flags, "--json", str(tmp_path / "r.json")]) == 0
+    results = read_json(tmp_path / "r.json")["results"]
+    assert len(results) == 4
+    for result in results:  # every photo finds itself first; a plain folder has no item ids
+        assert result["matches"][0]["path"] == result["query"]
+        assert result["item"] is None and result["matches"][0]["item"] is None
+    capsys.readouterr()
+    extra = folder / "new.png"
+    Image.open(sources[0]).save(extra)
+    search.main([str(run.snapshot), "--query", str(extra), *flags])
+    assert "images changed (4 indexed, 5 now)" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------
+# errors
+
+
+def test_missing_and_foreign_model_files_are_named(run, tmp_path):
+    missing = tmp_path / "nope" / "snapshot.pt"
+    with pytest.raises(FileNotFoundError, match=f"{missing}: no such model file"):
+        evaluate.main([str(missing)])
+    text_file = tmp_path / "notes.pt"
+    text_file.write_text("not a checkpoint")
+    with pytest.raises(SnapshotMismatch, match=f"{text_file}: cannot be read as a snapshot"):
+        evaluate.main([str(text_file)])
+    state_dict = tmp_path / "weights.pth"
+    torch.save({"state_dict": {"backbone.conv1.weight": torch.zeros(1)}}, state_dict)
+    with pytest.raises(SnapshotMismatch, match="not a snapshot.*--mmpretrain"):
+        search.main([str(state_dict), "--query", str(tmp_path)])
+
+
+def test_data_root_without_partition_file(run, tmp_path):
+    with pytest.raises(FileNotFoundError, match="list_eval_partition.txt"):
+        evaluate.main([str(run.snapshot), "--data_root", str(tmp_path)])
+
+
+def test_empty_folder_and_corrupt_image(run, tmp_path):
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "sub" / "notes.txt").write_text("no images here")
+    with pytest.raises(ValueError, match=f"{empty}: no images"):
+        search.main([str(run.snapshot), "--gallery", str(empty), "--query", str(empty), *QUIET])
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "good.jpg").write_bytes(Path(InShop(run.root, "gallery").samples[0][0]).read_bytes())
+    (broken / "bad.jpg").write_bytes(b"\xff\xd8 this is not a JPEG")
+    with pytest.raises(OSError, match="bad.jpg"):
+        search.main([str(run.snapshot), "--gallery", str(broken), "--query", str(broken),
+                     "--index", str(tmp_path / "b.idx"), *QUIET])
+    assert not (tmp_path / "b.idx").exists()  # nothing half-written
+
+
+def test_a_file_that_is_not_an_index(run, tmp_path):
+    index = tmp_path / "g.idx"
+    torch.save({"embeddings": torch.zeros(2, 3)}, index)
+    with pytest.raises(ValueError, match=f"{index}: not a search index"):
+        search.main([str(run.snapshot), "--query", str(run.root), "--index", str(index), *QUIET])
+
+
+def test_command_line_errors_are_one_line_and_exit_nonzero(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", str(tmp_path / "missing.pt")])
+    assert run_cli(evaluate.main) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "missing.pt" in err and err.count("\n") == 1
+
+
+# ------------------------------------------------------------------------------------------
+# visualize
+
+
+def solid_image(path: Path, colour: tuple[int, int, int]) -> str:
+    Image.new("RGB", (20, 30), colour).save(path)  # not square: padded into the thumbnail
+    return str(path)
+
+
+def test_result_grid_layout_scores_and_border_colours(tmp_path):
+    red, blue, yellow, cyan = (250, 0, 0), (0, 0, 250), (250, 250, 0), (0, 250, 250)
+    files = {name: solid_image(tmp_path / f"{name}.png", colour)
+             for name, colour in [("red", red), ("blue", blue), ("yellow", yellow), ("cyan", cyan)]}
+    results = [
+        {"query": files["red"], "item": "a", "matches": [
+            {"path": files["blue"], "score": 0.91, "item": "a"},
+            {"path": files["yellow"], "score": 0.52, "item": "b"},
+            {"path": files["cyan"], "score": 0.13, "item": None}]},
+        {"query": files["cyan"], "item": None, "matches": [
+            {"path": files["red"], "score": 0.7, "item": "a"}]},
+    ]
+    (tmp_path / "r.json").write_text(json.dumps({"results": results}))
+    thumb = 40
+    assert visualize.main(["grid", str(tmp_path / "r.json"), "--out", str(tmp_path / "g.png"),
+                           "--thumb", str(thumb)]) == 0
+    grid = Image.open(tmp_path / "g.png").convert("RGB")
+    cell = thumb + 2 * visualize.BORDER
+    assert grid.size == (2 * visualize.MARGIN + 4 * cell + 3 * visualize.GAP + visualize.QUERY_GAP,
+                         2 * visualize.MARGIN + 2 * (cell + visualize.CAPTION) + visualize.GAP)
+    expected = {  # (row, column): (border, centre of the thumbnail)
+        (0, 0): (visualize.QUERY_COLOUR, red), (0, 1): (visualize.SAME_ITEM_COLOUR, blue),
+        (0, 2): (visualize.OTHER_ITEM_COLOUR, yellow), (0, 3): (visualize.UNKNOWN_COLOUR, cyan),
+        (1, 0): (visualize.QUERY_COLOUR, cyan), (1, 1): (visualize.UNKNOWN_COLOUR, red),
+    }
+    for (row, column), (border, centre) in expected.items():
+        x, y = visualize.cell_origin(row, column, thumb)
+        assert grid.getpixel((x + 1, y + cell // 2)) == border, (row, column)
+        assert grid.getpixel((x + cell // 2, y + cell // 2)) == centre, (row, column)
+        caption = grid.crop((x, y + cell, x + cell, y + cell + visualize.CAPTION))
+        assert caption.convert("L").getextrema()[0] < 128, (row, column)  # a score or "query" is written
+    x, y = visualize.cell_origin(1, 2, thumb)  # the second query has one match: empty cell
+    assert grid.getpixel((x + cell // 2, y + cell // 2)) == visualize.BACKGROUND
+
+
+def test_grid_names_a_missing_image(tmp_path):
+    results = {"results": [{"query": str(tmp_path / "gone.jpg"), "matches": [{"path": "x.jpg", "score": 1.0}]}]}
+    (tmp_path / "r.json").write_text(json.dumps(results))
+    with pytest.raises(FileNotFoundError, match="gone.jpg"):
+        visualize.main(["grid", str(tmp_path / "r.json"), "--out", str(tmp_path / "g.png")])
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_curves_without_matplotlib_say_how_to_install_it(run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+    monkeypatch.setattr(sys, "argv", ["visualize.py", "curves", str(run.out / "metrics.jsonl"),
+                                      "--out", str(tmp_path / "c.png")])
+    assert run_cli(visualize.main) == 1
+    assert "pip install matplotlib" in capsys.readouterr().err
+    assert not (tmp_path / "c.png").exists()
+
+
+def test_curves_png(run, tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib is an optional extra")
+    assert visualize.main(["curves", str(run.out / "metrics.jsonl"), "--out", str(tmp_path / "c.png")]) == 0
+    assert Image.open(tmp_path / "c.png").size[0] > 300
+
+
+def test_curves_name_a_bad_metrics_line(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 0, "recall@1": 1.0}\n{"epoch": 1, "loss":\n')
+    with pytest.raises(ValueError, match="metrics.jsonl:2"):
+        visualize.read_metrics(tmp_path / "metrics.jsonl")
+
+
+# ------------------------------------------------------------------------------------------
+# export
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+def test_torchscript_export_matches_eager_and_evaluates(run, tmp_path, capsys):
+    path = tmp_path / "model.torchscript.pt"
+    assert export.main([str(run.snapshot), "--torchscript", str(path)]) == 0
+    assert "max |export - eager| =" in capsys.readouterr().out
+    extra = {"retrieval.json": ""}
+    scripted = torch.jit.load(str(path), _extra_files=extra)
+    metadata = json.loads(extra["retrieval.json"])
+    assert (metadata["resize"], metadata["crop"]) == (32, 28)  # configs/smoke.toml
+    eager = load_model(run.snapshot)
+    images = torch.randn(5, 3, 28, 28, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (scripted(images) - eager.module(images)).abs().max().item() < 1e-5
+    assert load_model(path).fingerprint == eager.fingerprint  # an index serves both
+    assert evaluate.main([str(path), "--out", str(tmp_path / "m.json")]) == 0
+    same_metrics(read_json(tmp_path / "m.json"), run.last_eval)
+
+
+def test_onnx_export_matches_eager(run, tmp_path):
+    missing = [name for name in export.ONNX_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        pytest.skip(f"ONNX export is an optional extra; not installed: {', '.join(missing)}")
+    import onnx
+    import onnxruntime
+
+    path = tmp_path / "model.onnx"
+    assert export.main([str(run.snapshot), "--onnx", str(path)]) == 0
+    metadata = {entry.key: entry.value for entry in onnx.load(str(path)).metadata_props}
+    assert json.loads(metadata["retrieval"])["crop"] == 28
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    images = torch.randn(4, 3, 28, 28, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = load_model(run.snapshot).module(images)
+    (exported,) = session.run(None, {"images": images.numpy()})
+    assert (torch.from_numpy(exported) - expected).abs().max().item() < 1e-4
+
+
+def test_onnx_export_names_missing_packages(run, tmp_path, monkeypatch):
+    monkeypatch.setattr(export, "ONNX_PACKAGES", ("onnx_package_that_is_not_installed",))
+    with pytest.raises(ImportError, match="pip install onnx_package_that_is_not_installed"):
+        export.main([str(run.snapshot), "--onnx", str(tmp_path / "model.onnx")])
+    assert not (tmp_path / "model.onnx").exists()
