@@ -203,7 +203,8 @@ def test_folder_gallery_is_searched_recursively_and_rebuilt_when_it_changes(run,
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(Path(source).read_bytes())
     flags = ["--gallery", str(folder), "--index", str(tmp_path / "f.idx"), "--top_k", "2", *QUIET]
-    assert search.main([str(run.snapshot), "--query", str(folder), *flags, "--json", str(tmp_path / "r.json")]) == 0
+    assert search.main([str(run.snapshot), "--query", str(folder), *flags,
+                        "--json", str(tmp_path / "r.json")]) == 0
     results = read_json(tmp_path / "r.json")["results"]
     assert len(results) == 4
     for result in results:  # every photo finds itself first; a plain folder has no item ids

@@ -200,7 +200,8 @@ def load_mmpretrain(path: str | os.PathLike, arch: str, num_classes: int, sub_ce
                     pooling: str = "avg", resize: int | None = None, crop: int | None = None) -> LoadedModel:
     """An mmpretrain ArcFace checkpoint (classifier or retriever layout) -> LoadedModel."""
     if num_classes < 1 or sub_centers < 1:
-        raise ValueError(f"--num_classes and --sub_centers: expected integers >= 1, got {num_classes} and {sub_centers}")
+        raise ValueError(f"--num_classes and --sub_centers: expected integers >= 1, "
+                         f"got {num_classes} and {sub_centers}")
     model = build_model(num_classes=num_classes, arch=arch, pooling=pooling, sub_centers=sub_centers)
     load_mmpretrain_retriever(model, path)
     preprocess = Preprocess(resize or MMPRETRAIN_RESIZE, crop or MMPRETRAIN_CROP)
@@ -210,6 +211,7 @@ def load_mmpretrain(path: str | os.PathLike, arch: str, num_classes: int, sub_ce
 
 
 def load_torchscript(path: Path, resize: int | None = None, crop: int | None = None) -> LoadedModel:
+    """An export of tools/export.py. A TorchScript file is a program, not only weights: load trusted files only."""
     extra = {EXPORT_METADATA_FILE: ""}
     with warnings.catch_warnings():
         # torch >= 2.9 marks TorchScript deprecated, yet it is what C++ (libtorch) deployments load.

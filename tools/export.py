@@ -160,7 +160,8 @@ def export_onnx(model: LoadedModel, path: str | Path, metadata: dict[str, Any], 
 def check_close(name: str, exported: Tensor, eager: Tensor, tolerance: float) -> float:
     """max |exported - eager|; raises when it exceeds tolerance x max(1, max |eager|)."""
     if exported.shape != eager.shape:
-        raise ValueError(f"{name} export returns shape {tuple(exported.shape)}, the eager model {tuple(eager.shape)}")
+        raise ValueError(f"{name} export returns shape {tuple(exported.shape)}, "
+                         f"the eager model {tuple(eager.shape)}")
     difference = (exported.float() - eager.float()).abs().max().item()
     allowed = tolerance * max(1.0, eager.abs().max().item())
     if not difference <= allowed:

@@ -182,7 +182,8 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 def series(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
     """(epochs, values) of the records that carry a finite `key`."""
-    points = [(r["epoch"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    points = [(record["epoch"], record[key]) for record in records
+              if isinstance(record.get(key), (int, float)) and math.isfinite(record[key])]
     return [epoch for epoch, _ in points], [value for _, value in points]
 
 
