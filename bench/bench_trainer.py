@@ -1,7 +1,7 @@
 """Trainer overhead: images/s of the Trainer's step path against a bare training loop.
 
     python bench/bench_trainer.py [--arch resnet18 --image_size 56 --batch_size 32 --steps 6
-                                   --repeats 5 --threads 1]
+                                   --repeats 6 --threads 1]
 
 All variants train one model instance with one optimizer on the same in-memory synthetic batches
 (no decoding, no loader workers), so the difference between them is what the Trainer adds:
@@ -13,11 +13,12 @@ All variants train one model instance with one optimizer on the same in-memory s
                 GradScaler, per-step lr, the per-step loss check (`.tolist()`) and the tqdm bar
   trainer_batches  Trainer._run_epoch over the pre-made batches: the Trainer without its loader
 
-Runs alternate in one process (bare, trainer, trainer_batches, bare, ...) after one warm-up round,
-so drift on a shared machine hits every variant alike; ratios are medians of each round's ratio.
+Runs alternate in one process after one warm-up round, in an order that rotates every round, so
+drift on a shared machine hits every variant alike; ratios are medians of each round's ratio.
 Wall time and process CPU time are both reported: with other work on the cores, CPU time is the
 steadier measure of how much work a loop does. A second table prices each per-step addition on
-its own. The defaults are the demo's training shape (resnet18, 56 px crops, batch 32).
+its own, and what the loader would cost with SeededDataset seeding only the CPU generator. The
+defaults are the demo's training shape (resnet18, 56 px crops, batch 32).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
@@ -54,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--num_classes", type=int, default=3997, help="In-Shop's training classes")
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps per timed run")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each variant")
+    parser.add_argument("--repeats", type=int, default=6, help="timed runs of each variant (a multiple of 3 rotates the order evenly)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (intra-op)")
     args = parser.parse_args(argv)
     for name in ("image_size", "batch_size", "num_classes", "steps", "repeats", "threads"):
@@ -117,13 +118,16 @@ def timed(run: Callable[[], None]) -> tuple[float, float]:
 
 
 def alternate(runs: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[tuple[float, float]]]:
-    """One untimed warm-up round, then `repeats` rounds of every variant in turn."""
+    """One untimed warm-up round, then `repeats` rounds of every variant, the order rotating each
+    round so that no variant always runs first (after another variant's run) or last."""
     for run in runs.values():
         run()
+    names = list(runs)
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            times[name].append(timed(run))
+    for round_index in range(repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(timed(runs[name]))
     return times
 
 
@@ -138,23 +142,44 @@ def microseconds_per_call(run: Callable[[], object], calls: int) -> float:
     return best * 1e6
 
 
+class CpuSeededDataset(SeededDataset):
+    """SeededDataset seeding only the CPU generator, the one CPU-side transforms draw from.
+
+    torch.manual_seed also seeds every accelerator backend; where CUDA is not initialised (a CPU
+    machine, a loader worker) each of those calls records a formatted stack trace for later.
+    """
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            return self.dataset[index]
+
+
 def step_costs(trainer: Trainer, dataset: TensorDataset, args: argparse.Namespace) -> dict[str, float]:
     """Microseconds per optimizer step of each thing the Trainer adds to a bare step."""
     loader = prepare_dataloader(dataset, args.batch_size, num_workers=0, seed=0)
     loader.sampler.set_epoch(0)
+    cpu_seeded_loader = DataLoader(CpuSeededDataset(dataset), batch_size=args.batch_size,
+                                   sampler=loader.sampler, drop_last=True)
     keys = list(loader.sampler)[: args.batch_size]
-    seeded = SeededDataset(dataset)
-    fork_rng = microseconds_per_call(lambda: [seeded[key] for key in keys], 5)
+    seeded, cpu_seeded = SeededDataset(dataset), CpuSeededDataset(dataset)
     plain_get = microseconds_per_call(lambda: [dataset[index] for index, _ in keys], 5)
-    loader_epoch = microseconds_per_call(lambda: list(loader), 2) / len(loader)
+    fork_rng = microseconds_per_call(lambda: [seeded[key] for key in keys], 5)
+    cpu_fork_rng = microseconds_per_call(lambda: [cpu_seeded[key] for key in keys], 5)
     loss = torch.tensor(5.0)
-    agree = microseconds_per_call(lambda: trainer._agree_on_step(loss, 0), 200)
-    to_list = microseconds_per_call(lambda: torch.stack([loss, loss, loss]).tolist(), 200)
     bar = tqdm(total=10**9, disable=False, mininterval=30.0, leave=False, file=open(os.devnull, "w"))
-    bar_update = microseconds_per_call(lambda: bar.update(1), 200)
+    costs = {
+        "loader_per_step": microseconds_per_call(lambda: list(loader), 2) / len(loader),
+        "seeded_fork_rng_per_step": fork_rng - plain_get,
+        "loader_cpu_seed_per_step": microseconds_per_call(lambda: list(cpu_seeded_loader), 2) / len(loader),
+        "cpu_seed_fork_rng_per_step": cpu_fork_rng - plain_get,
+        "agree_on_step": microseconds_per_call(lambda: trainer._agree_on_step(loss, 0), 200),
+        "stack_tolist": microseconds_per_call(lambda: torch.stack([loss, loss, loss]).tolist(), 200),
+        "tqdm_update": microseconds_per_call(lambda: bar.update(1), 200),
+    }
     bar.close()
-    return {"loader_per_step": loader_epoch, "seeded_fork_rng_per_step": fork_rng - plain_get,
-            "agree_on_step": agree, "stack_tolist": to_list, "tqdm_update": bar_update}
+    return costs
 
 
 def load_average() -> float:

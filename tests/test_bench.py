@@ -46,8 +46,9 @@ def test_bench_trainer_runs_and_prints_json(run_main):
     assert set(result["variants"]) == {"bare", "trainer", "trainer_batches"}
     assert result["variants"]["bare"]["ratio_wall"] == 1.0  # bare against itself
     assert all(row["images_per_s_wall"] > 0 and row["images_per_s_cpu"] > 0 for row in result["variants"].values())
-    assert set(result["step_costs_us"]) == {"loader_per_step", "seeded_fork_rng_per_step", "agree_on_step",
-                                            "stack_tolist", "tqdm_update"}
+    assert set(result["step_costs_us"]) == {"loader_per_step", "seeded_fork_rng_per_step", "loader_cpu_seed_per_step",
+                                            "cpu_seed_fork_rng_per_step", "agree_on_step", "stack_tolist",
+                                            "tqdm_update"}
     assert "vs bare wall" in stdout
 
 
