@@ -187,11 +187,11 @@ def series(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[f
     return [epoch for epoch, _ in points], [value for _, value in points]
 
 
-CURVES = (  # (metrics.jsonl key, panel title, log scale)
-    ("loss", "training loss", False),
-    ("lr", "learning rate (end of epoch)", True),
-    ("recall@1", "Recall@1 (%)", False),
-    ("mAP@10", "mAP@10 (%)", False),
+CURVES = (  # (metrics.jsonl key, panel title)
+    ("loss", "training loss"),
+    ("lr", "learning rate (end of epoch)"),
+    ("recall@1", "Recall@1 (%)"),
+    ("mAP@10", "mAP@10 (%)"),
 )
 
 
@@ -205,12 +205,10 @@ def plot_curves(records: list[dict[str, Any]], out: str | Path, title: str = "")
     from matplotlib.ticker import MaxNLocator
 
     figure, axes = plt.subplots(2, 2, figsize=(8, 5.5), constrained_layout=True)
-    for axis, (key, label, log_scale) in zip(axes.flat, CURVES):
+    for axis, (key, label) in zip(axes.flat, CURVES):
         epochs, values = series(records, key)
         if values:
             axis.plot(epochs, values, marker="o" if len(values) < 20 else None, markersize=4)
-            if log_scale and min(values) > 0:
-                axis.set_yscale("log")
         else:
             axis.text(0.5, 0.5, f"no '{key}' in the log", ha="center", va="center", transform=axis.transAxes)
         axis.set_title(label)
