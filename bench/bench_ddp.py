@@ -1,6 +1,6 @@
 """DDP scaling on CPU: images/s of 1 process x 1 thread against 2 processes x 1 thread (gloo).
 
-    python bench/bench_ddp.py [--arch resnet18 --image_size 56 --batch_size 32 --steps 6
+    python bench/bench_ddp.py [--arch resnet18 --image_size 56 --batch_size 32 --steps 4
                                --repeats 3 --rounds 2] [--sweep]
 
 Each process trains the same model on its own in-memory synthetic batches (same per-process
@@ -16,7 +16,10 @@ To see what limits it, the two-process job also times
 and, with --sweep, DDP variants: bucket_cap_mb 100, static_graph, gradient_as_bucket_view off,
 and bf16 gradient compression (a DDP communication hook).
 Variants alternate inside each job after a warm-up run; jobs alternate (1, 2, 1, 2, ...) for
---rounds rounds; figures are medians. A run's time is the slowest process's.
+--rounds rounds; figures are medians. A run's time is the slowest process's. CPU efficiency
+(1-process CPU time per step / 2-process CPU time per step and process) is what the efficiency
+would be if each process had a core to itself: on a shared machine, wall-time efficiency also
+measures how much of two cores the other users leave.
 """
 from __future__ import annotations
 
@@ -53,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image_size", type=int, default=56)
     parser.add_argument("--batch_size", type=int, default=32, help="per process")
     parser.add_argument("--num_classes", type=int, default=3997, help="In-Shop's training classes")
-    parser.add_argument("--steps", type=int, default=6, help="optimizer steps per timed run")
+    parser.add_argument("--steps", type=int, default=4, help="optimizer steps per timed run")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each variant per job")
     parser.add_argument("--rounds", type=int, default=2, help="1-process and 2-process jobs, alternated")
     parser.add_argument("--sweep", action="store_true", help="also time DDP settings (bucket size, ...)")
@@ -150,9 +153,11 @@ def worker(rank: int, world_size: int, port: int, args: argparse.Namespace, resu
         for run in runs.values():
             run()  # warm-up
         times: dict[str, list] = {name: [] for name in runs}
-        for _ in range(args.repeats):
-            for name, run in runs.items():
-                times[name].append(timed_everywhere(run, world_size))
+        names = list(runs)
+        for round_index in range(args.repeats):
+            shift = round_index % len(names)  # rotate: no variant always runs first
+            for name in names[shift:] + names[:shift]:
+                times[name].append(timed_everywhere(runs[name], world_size))
         result = {"world_size": world_size, "times": times}
         if world_size > 1:
             numel = sum(p.numel() for p in model.parameters())
@@ -199,9 +204,11 @@ def summarise(jobs: list[dict], args: argparse.Namespace) -> dict:
             "step_ms": 1000 * statistics.median(wall for wall, _ in runs) / args.steps,
             "cpu_step_ms": 1000 * statistics.median(cpu for _, cpu in runs) / args.steps,
         }
-    single = summary["variants"]["single"]["images_per_s"]
+    single = summary["variants"]["single"]
     for row in summary["variants"].values():
-        row["efficiency"] = row["images_per_s"] / (2 * single) if row is not summary["variants"]["single"] else 1.0
+        row["efficiency"] = row["images_per_s"] / (2 * single["images_per_s"]) if row is not single else 1.0
+        # What the efficiency would be if every process had a core to itself: CPU time per step.
+        row["cpu_efficiency"] = single["cpu_step_ms"] / row["cpu_step_ms"]
     summary["all_reduce_ms"] = 1000 * statistics.median(extras["all_reduce_s"])
     summary["gradient_mib"] = extras["gradient_mib"][0]
     return summary
@@ -211,11 +218,12 @@ def print_report(args: argparse.Namespace, summary: dict, loads: tuple[float, fl
     print(f"{args.arch}, {args.image_size}x{args.image_size} px, batch {args.batch_size} per process, "
           f"{args.num_classes} classes, {args.steps} steps per run, {args.repeats} runs x {args.rounds} rounds, "
           f"1 thread per process, gloo, load average {loads[0]:.2f} -> {loads[1]:.2f}, {seconds:.0f} s")
-    print(f"{'variant':<16}{'processes':>10}{'img/s':>9}{'step ms':>9}{'CPU ms/step':>13}{'efficiency':>12}")
+    print(f"{'variant':<16}{'processes':>10}{'img/s':>9}{'step ms':>9}{'CPU ms/step':>13}{'efficiency':>12}"
+          f"{'CPU efficiency':>16}")
     for name, row in summary["variants"].items():
         world = 1 if name == "single" else 2
         print(f"{name:<16}{world:>10}{row['images_per_s']:>9.1f}{row['step_ms']:>9.1f}"
-              f"{row['cpu_step_ms']:>13.1f}{row['efficiency']:>12.3f}")
+              f"{row['cpu_step_ms']:>13.1f}{row['efficiency']:>12.3f}{row['cpu_efficiency']:>16.3f}")
     variants = summary["variants"]
     exposed = variants["ddp"]["step_ms"] - variants["no_sync"]["step_ms"]
     print(f"all-reduce of all gradients ({summary['gradient_mib']:.0f} MiB float32) alone: "

@@ -99,6 +99,7 @@ def test_bench_ddp_efficiency_is_two_process_rate_over_twice_one_process():
     assert summary["variants"]["ddp"]["efficiency"] == pytest.approx((16 / 1.25) / 16)
     assert summary["variants"]["no_sync"]["efficiency"] == pytest.approx(1.0)
     assert summary["variants"]["ddp"]["step_ms"] == pytest.approx(625.0)
+    assert summary["variants"]["ddp"]["cpu_efficiency"] == pytest.approx(0.9 / 1.0)  # CPU s per step: 0.45 / 0.5
     assert summary["all_reduce_ms"] == pytest.approx(20.0)
 
 
