@@ -17,7 +17,8 @@ fit in what is left of --budget_s is skipped and says so):
   inference    model.embed at each size, as the evaluation runs it (eval mode, inference_mode)
   compile      torch.compile at the best eager batch of each size (224 px first, 448 px last);
                the first step (compilation) is reported as compile_s and excluded from the timing
-  trainer      Trainer._run_epoch at the best 224 px batch: the project's own step path
+  trainer      Trainer._run_epoch at the best 224 px batch: the project's own step path, with
+               the batch on the GPU, then copied each step from pageable and from pinned host memory
   cudnn        the best 224 px batch again with torch.backends.cudnn.benchmark = True
 
 Throughput is timed after warm-up steps, between torch.cuda.synchronize() calls. The summary gives
@@ -89,7 +90,7 @@ def full_plan(compile_backend: str) -> Plan:
     return Plan(
         device=torch.device("cuda"), arch="resnet50", batches={224: (128, 256, 384), 448: (32, 64, 96)},
         eval_batch=256, warmup_steps=5, timed_steps=15, amp="bf16", compile_backend=compile_backend,
-        seconds_needed={"correctness": 90, "train": 45, "inference": 15, "trainer": 25, "cudnn": 20,
+        seconds_needed={"correctness": 90, "train": 45, "inference": 15, "trainer": 45, "cudnn": 20,
                         "compile": 90},
     )
 
@@ -365,10 +366,32 @@ def measure_inference(plan: Plan, size: int) -> dict[str, Any]:
             release_memory()
 
 
+def host_or_device_batch(plan: Plan, batch: int, size: int, source: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch already on the device, or in host memory as a loader hands it over (NCHW float32),
+    pageable (the launchers' prepare_dataloader default) or pinned (pin_memory=True)."""
+    if source == "device":
+        return synthetic_batch(batch, size, plan.device)
+    images = torch.randn(batch, 3, size, size)
+    labels = torch.randint(NUM_CLASSES, (batch,))
+    if source == "pinned":
+        images, labels = images.pin_memory(), labels.pin_memory()
+    return images, labels
+
+
 def measure_trainer_path(plan: Plan, batch: int, size: int) -> dict[str, Any]:
-    """Trainer._run_epoch over one GPU batch repeated: the autocast, GradScaler, lr and loss-check path."""
+    """Trainer._run_epoch over one batch repeated: the autocast, GradScaler, lr and loss-check path,
+    with the batch on the device and, on CUDA, copied from pageable or pinned host memory."""
+    sources = ("device", "pageable", "pinned") if plan.device.type == "cuda" else ("device",)
+    rows = {source: trainer_epoch_speed(plan, batch, size, source) for source in sources}
+    for source, row in rows.items():
+        print(f"  Trainer._run_epoch {size} px, batch {batch}, batches from {source} memory: "
+              f"{row['images_per_s']:.0f} images/s, {row['step_ms']:.1f} ms/step", flush=True)
+    return rows
+
+
+def trainer_epoch_speed(plan: Plan, batch: int, size: int, source: str) -> dict[str, Any]:
     steps = plan.warmup_steps + plan.timed_steps
-    images, labels = synthetic_batch(batch, size, plan.device)
+    images, labels = host_or_device_batch(plan, batch, size, source)
     with tempfile.TemporaryDirectory() as out_dir:
         cfg = Config(total_epochs=2, out_dir=out_dir, device=plan.device.type, amp=plan.amp,
                      channels_last=True, batch_size=batch, arch=plan.arch, lr=1e-4, lr_batch_size=batch,
@@ -384,9 +407,8 @@ def measure_trainer_path(plan: Plan, batch: int, size: int) -> dict[str, Any]:
         trainer._run_epoch(1)
         synchronize(plan.device)
         seconds = time.perf_counter() - start
-    row = {"size": size, "batch": batch, "images_per_s": steps * batch / seconds, "step_ms": 1000 * seconds / steps}
-    print(f"  Trainer._run_epoch {size} px, batch {batch}: {row['images_per_s']:.0f} images/s")
-    return row
+    return {"size": size, "batch": batch, "source": source, "images_per_s": steps * batch / seconds,
+            "step_ms": 1000 * seconds / steps}
 
 
 def measure_with_cudnn_benchmark(plan: Plan, size: int, batch: int) -> dict[str, Any]:

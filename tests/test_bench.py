@@ -127,6 +127,7 @@ def test_gpu_check_quick_runs_every_section(tmp_path, run_main, monkeypatch):
     for section in ("train_32", "train_48", "inference_32", "inference_48", "compile_32", "trainer", "compile_48"):
         assert "error" not in result[section] and "skipped" not in result[section], section
     assert [row["batch"] for row in result["train_32"]["rows"]] == [2, 4]
+    assert result["trainer"]["device"]["batch"] == result["train_32"]["best"]["batch"]
     assert {(row["size"], row["mode"]) for row in result["summary"]["rows"]} == {
         (32, "eager"), (32, "compiled"), (48, "eager"), (48, "compiled")}
     saved = json.loads((tmp_path / "gpu_check.json").read_text())
