@@ -168,18 +168,19 @@ def step_costs(trainer: Trainer, dataset: TensorDataset, args: argparse.Namespac
     fork_rng = microseconds_per_call(lambda: [seeded[key] for key in keys], 5)
     cpu_fork_rng = microseconds_per_call(lambda: [cpu_seeded[key] for key in keys], 5)
     loss = torch.tensor(5.0)
-    bar = tqdm(total=10**9, disable=False, mininterval=30.0, leave=False, file=open(os.devnull, "w"))
-    costs = {
+    with open(os.devnull, "w") as devnull:
+        bar = tqdm(total=10**9, mininterval=30.0, leave=False, file=devnull)
+        bar_update = microseconds_per_call(lambda: bar.update(1), 200)
+        bar.close()
+    return {
         "loader_per_step": microseconds_per_call(lambda: list(loader), 2) / len(loader),
         "seeded_fork_rng_per_step": fork_rng - plain_get,
         "loader_cpu_seed_per_step": microseconds_per_call(lambda: list(cpu_seeded_loader), 2) / len(loader),
         "cpu_seed_fork_rng_per_step": cpu_fork_rng - plain_get,
         "agree_on_step": microseconds_per_call(lambda: trainer._agree_on_step(loss, 0), 200),
         "stack_tolist": microseconds_per_call(lambda: torch.stack([loss, loss, loss]).tolist(), 200),
-        "tqdm_update": microseconds_per_call(lambda: bar.update(1), 200),
+        "tqdm_update": bar_update,
     }
-    bar.close()
-    return costs
 
 
 def load_average() -> float:
