@@ -1,7 +1,7 @@
 """Trainer overhead: images/s of the Trainer's step path against a bare training loop.
 
-    python bench/bench_trainer.py [--arch resnet18 --image_size 56 --batch_size 32 --steps 6
-                                   --repeats 6 --threads 1]
+    python bench/bench_trainer.py [--arch resnet18 --image_size 56 --batch_size 32 --steps 4
+                                   --repeats 9 --threads 1]
 
 All variants train one model instance with one optimizer on the same in-memory synthetic batches
 (no decoding, no loader workers), so the difference between them is what the Trainer adds:
@@ -54,8 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image_size", type=int, default=56)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--num_classes", type=int, default=3997, help="In-Shop's training classes")
-    parser.add_argument("--steps", type=int, default=6, help="optimizer steps per timed run")
-    parser.add_argument("--repeats", type=int, default=6, help="timed runs of each variant (a multiple of 3 rotates the order evenly)")
+    parser.add_argument("--steps", type=int, default=4, help="optimizer steps per timed run")
+    parser.add_argument("--repeats", type=int, default=9, help="timed runs of each variant (a multiple of 3 rotates the order evenly)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (intra-op)")
     args = parser.parse_args(argv)
     for name in ("image_size", "batch_size", "num_classes", "steps", "repeats", "threads"):
@@ -197,6 +197,8 @@ def summarise(times: dict[str, list[tuple[float, float]]], images_per_run: int) 
             "images_per_s_cpu": images_per_run / statistics.median(c for _, c in runs),
             "ratio_wall": statistics.median(ratios_wall),
             "ratio_cpu": statistics.median(ratios_cpu),
+            "ratio_wall_min": min(ratios_wall),  # the spread shows how noisy the machine was
+            "ratio_wall_max": max(ratios_wall),
         }
     return summary
 
@@ -205,10 +207,12 @@ def print_report(args: argparse.Namespace, summary: dict, costs: dict, loads: tu
     print(f"{args.arch}, {args.image_size}x{args.image_size} px, batch {args.batch_size}, "
           f"{args.num_classes} classes, {args.steps} steps per run, {args.repeats} runs each, "
           f"{torch.get_num_threads()} thread(s), load average {loads[0]:.2f} -> {loads[1]:.2f}")
-    print(f"{'variant':<17}{'img/s wall':>11}{'img/s CPU':>11}{'vs bare wall':>14}{'vs bare CPU':>13}")
+    print(f"{'variant':<17}{'img/s wall':>11}{'img/s CPU':>11}{'vs bare wall':>14}{'vs bare CPU':>13}"
+          f"{'wall ratio range':>19}")
     for name, row in summary.items():
         print(f"{name:<17}{row['images_per_s_wall']:>11.1f}{row['images_per_s_cpu']:>11.1f}"
-              f"{row['ratio_wall']:>14.3f}{row['ratio_cpu']:>13.3f}")
+              f"{row['ratio_wall']:>14.3f}{row['ratio_cpu']:>13.3f}"
+              f"{row['ratio_wall_min']:>11.3f}..{row['ratio_wall_max']:.3f}")
     bare_step_us = 1e6 * args.batch_size / summary["bare"]["images_per_s_cpu"]
     print(f"per-step costs outside the model (bare step: {bare_step_us / 1000:.1f} ms CPU)")
     for name, micros in costs.items():

@@ -62,6 +62,7 @@ def test_bench_trainer_ratios_are_medians_of_paired_rounds():
     assert summary["trainer"]["ratio_cpu"] == pytest.approx(0.5)
     assert summary["trainer"]["images_per_s_wall"] == pytest.approx(8 / 1.25)  # median wall 1.25 s
     assert summary["bare"]["images_per_s_cpu"] == pytest.approx(8 / 0.5)
+    assert (summary["trainer"]["ratio_wall_min"], summary["trainer"]["ratio_wall_max"]) == pytest.approx((0.8, 1.0))
 
 
 def test_batch_loader_serves_the_trainer_interface():
