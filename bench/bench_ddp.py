@@ -9,7 +9,7 @@ the model without DDP (as the Trainer does without a process group); two process
 torch.multiprocessing spawn on a free port wrap it in DDP with the Trainer's settings
 (gradient_as_bucket_view=True). Efficiency = 2-process images/s / (2 x 1-process images/s).
 
-To see what limits it, the two-process job also times
+To see what limits it, the two-process job also times (interleaved with the DDP runs)
   no_sync     the same steps without the gradient all-reduce: compute alone, with both processes
               sharing the machine (memory bandwidth, other users' load)
   all_reduce  one all-reduce of a flat float32 tensor as large as all gradients
@@ -209,6 +209,8 @@ def summarise(jobs: list[dict], args: argparse.Namespace) -> dict:
         row["efficiency"] = row["images_per_s"] / (2 * single["images_per_s"]) if row is not single else 1.0
         # What the efficiency would be if every process had a core to itself: CPU time per step.
         row["cpu_efficiency"] = single["cpu_step_ms"] / row["cpu_step_ms"]
+    # Both timed in the same job, interleaved: the cost of DDP itself, whatever else the machine runs.
+    summary["ddp_vs_no_sync"] = summary["variants"]["ddp"]["images_per_s"] / summary["variants"]["no_sync"]["images_per_s"]
     summary["all_reduce_ms"] = 1000 * statistics.median(extras["all_reduce_s"])
     summary["gradient_mib"] = extras["gradient_mib"][0]
     return summary
@@ -227,7 +229,8 @@ def print_report(args: argparse.Namespace, summary: dict, loads: tuple[float, fl
     variants = summary["variants"]
     exposed = variants["ddp"]["step_ms"] - variants["no_sync"]["step_ms"]
     print(f"all-reduce of all gradients ({summary['gradient_mib']:.0f} MiB float32) alone: "
-          f"{summary['all_reduce_ms']:.1f} ms; step time DDP adds over no_sync: {exposed:.1f} ms")
+          f"{summary['all_reduce_ms']:.1f} ms; step time DDP adds over no_sync: {exposed:.1f} ms "
+          f"(ddp / no_sync images/s, interleaved in one job: {summary['ddp_vs_no_sync']:.3f})")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -246,6 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
         "repeats": args.repeats, "rounds": args.rounds, "torch": torch.__version__,
         "load_average": [round(x, 2) for x in loads],
         "efficiency": round(summary["variants"]["ddp"]["efficiency"], 4),
+        "ddp_vs_no_sync": round(summary["ddp_vs_no_sync"], 4),
         "variants": {name: {k: round(v, 4) for k, v in row.items()} for name, row in summary["variants"].items()},
         "all_reduce_ms": round(summary["all_reduce_ms"], 2), "gradient_mib": round(summary["gradient_mib"], 1),
     }

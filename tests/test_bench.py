@@ -102,6 +102,7 @@ def test_bench_ddp_efficiency_is_two_process_rate_over_twice_one_process():
     assert summary["variants"]["ddp"]["step_ms"] == pytest.approx(625.0)
     assert summary["variants"]["ddp"]["cpu_efficiency"] == pytest.approx(0.9 / 1.0)  # CPU s per step: 0.45 / 0.5
     assert summary["all_reduce_ms"] == pytest.approx(20.0)
+    assert summary["ddp_vs_no_sync"] == pytest.approx(1.0 / 1.25)  # 16 images in 1.25 s vs in 1.0 s
 
 
 # ------------------------------------------------------------------------------------------
