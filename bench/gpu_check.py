@@ -172,10 +172,15 @@ def synchronize(device: torch.device) -> None:
 
 
 def launch(args: list[str], env: dict[str, str], log: Path, timeout_s: float) -> str:
-    """Runs a launcher in the repository root; its output goes to `log` and is returned."""
+    """Runs a launcher in the repository root; its output goes to `log` (also when it fails)."""
     command = [sys.executable, *args]
-    completed = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout_s)
+    try:
+        completed = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as timeout:
+        output = timeout.output.decode(errors="replace") if isinstance(timeout.output, bytes) else timeout.output
+        log.write_text(output or "")
+        raise RuntimeError(f"{' '.join(args)} did not finish in {timeout_s:.1f} s; output in {log.name}") from None
     log.write_text(completed.stdout)
     if completed.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} exited {completed.returncode}; end of its output:\n"
@@ -191,11 +196,15 @@ def check_training_run(plan: Plan, work_dir: Path, out_dir: Path | None, timeout
               "--synthetic_dir", str(work_dir / "synthetic")]
     logs = work_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    launch([*common, "--total_epochs", "3"], plan.launcher_env, logs / "first.log", timeout_s / 2)
-    resumed_output = launch([*common, "--total_epochs", "4"], plan.launcher_env, logs / "resume.log", timeout_s / 2)
-    if out_dir is not None:
-        shutil.copytree(logs, out_dir / "smoke", dirs_exist_ok=True)
-        shutil.copy(run_dir / "metrics.jsonl", out_dir / "smoke" / "metrics.jsonl")
+    try:
+        launch([*common, "--total_epochs", "3"], plan.launcher_env, logs / "first.log", timeout_s / 2)
+        resumed_output = launch([*common, "--total_epochs", "4"], plan.launcher_env, logs / "resume.log",
+                                timeout_s / 2)
+    finally:  # the launcher logs come back with the results, above all when a run failed
+        if out_dir is not None:
+            shutil.copytree(logs, out_dir / "smoke", dirs_exist_ok=True)
+            if (run_dir / "metrics.jsonl").exists():
+                shutil.copy(run_dir / "metrics.jsonl", out_dir / "smoke" / "metrics.jsonl")
     return judge_training_run(run_dir, resumed_output)
 
 
