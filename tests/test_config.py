@@ -97,3 +97,12 @@ def test_launcher_exits_non_zero_naming_the_key(argv, words):
     assert proc.returncode == 2
     for word in words:
         assert word in proc.stderr
+
+
+def test_one_gpu_recipe_differs_from_the_reference_only_in_batch_and_precision():
+    ref = config.load_toml(ROOT / "configs" / "inshop_r50.toml")
+    one = Config(**config.load_toml(ROOT / "configs" / "inshop_r50_1gpu.toml"))
+    same = {k: v for k, v in ref.items()
+            if k not in ("batch_size", "eval_batch_size", "num_workers", "amp", "out_dir", "log_every")}
+    assert {k: getattr(one, k) for k in same} == {k: Config(**ref).__getattribute__(k) for k in same}
+    assert one.batch_size == 64 and one.amp == "auto"
