@@ -61,8 +61,22 @@ LENGTHS = ("short", "long")
 # Second shape variant: the collar for jackets, the cut for trousers and skirts; unused otherwise.
 CUTS = ("narrow", "wide")
 PATTERNS = ("solid", "stripes", "dots", "checks")
-STRIPE_ANGLES_DEG = (0, 45, 90, 135)
+# 0/45/90 only: a flipped view turns 45 into 135 degrees, so those two would be the same item.
+STRIPE_ANGLES_DEG = (0, 45, 90)
 PATTERN_PERIODS = (1 / 12, 1 / 6)  # of the image side
+
+# How much views of one item differ (ranges of uniform draws).
+GARMENT_SCALE = 1.0  # silhouette size in the canonical pose, relative to the outlines below
+POSE_SCALE = (0.75, 1.05)
+POSE_SQUEEZE = (0.75, 1.0)  # horizontal only: a garment seen from the side looks narrower
+POSE_ROTATION_DEG = 15.0
+POSE_SHIFT = 0.1  # of the image side
+LIGHT_CONTRAST = (0.7, 1.3)
+LIGHT_BRIGHTNESS = 30.0  # grey levels
+LIGHT_CAST = (0.85, 1.15)  # per-channel gain
+NOISE_STD = 3.0  # grey levels
+CLUTTER_SHAPES = (1, 4)  # how many random shapes the background holds: [low, high)
+CLUTTER_SIZE = (0.1, 0.5)  # of the image side
 
 
 @dataclass(frozen=True)
@@ -141,9 +155,9 @@ def garment_outline(garment: Garment) -> list[tuple[float, float]]:
         hem_y, hem_x = (0.92, 0.22) if long else (0.68, 0.28)
         return _mirror(top + [(0.37, 0.42), (hem_x, hem_y), (0.5, hem_y)])
     if garment.shape == "trousers":
-        hem_y = 0.92 if long else 0.52
-        outer, inner = (0.26, 0.46) if garment.cut == "wide" else (0.34, 0.47)
-        return _mirror([(0.5, 0.38), (0.5, 0.10), (0.33, 0.10), (outer, hem_y), (inner, hem_y)])
+        hem_y = 0.92 if long else 0.56
+        outer, inner = (0.25, 0.43) if garment.cut == "wide" else (0.33, 0.44)
+        return _mirror([(0.5, 0.36), (0.5, 0.10), (0.33, 0.10), (outer, hem_y), (inner, hem_y)])
     if garment.shape == "skirt":
         hem_y = 0.85 if long else 0.60
         hem_x = 0.18 if garment.cut == "wide" else 0.31
@@ -156,7 +170,8 @@ def garment_mask(garment: Garment, size: int) -> np.ndarray:
     supersample = 4  # draw large and shrink, so edges are smooth at 64 px
     big = size * supersample
     canvas = Image.new("L", (big, big), 0)
-    ImageDraw.Draw(canvas).polygon([(x * big, y * big) for x, y in garment_outline(garment)], fill=255)
+    outline = [(0.5 + (x - 0.5) * GARMENT_SCALE, 0.5 + (y - 0.5) * GARMENT_SCALE) for x, y in garment_outline(garment)]
+    ImageDraw.Draw(canvas).polygon([(x * big, y * big) for x, y in outline], fill=255)
     return np.asarray(canvas.reduce(supersample), dtype=np.float32) / 255.0
 
 
@@ -165,8 +180,8 @@ def pattern_weight(garment: Garment, size: int) -> np.ndarray:
     v, u = np.mgrid[0:size, 0:size].astype(np.float32) / size
     if garment.pattern == "solid":
         # The secondary colour trims the lowest tenth of the garment (a hem band).
-        hem_y = max(y for _, y in garment_outline(garment))
-        return ((v > hem_y - 0.08) & (v < hem_y)).astype(np.float32)
+        hem_y = 0.5 + (max(y for _, y in garment_outline(garment)) - 0.5) * GARMENT_SCALE
+        return ((v > hem_y - 0.08 * GARMENT_SCALE) & (v < hem_y)).astype(np.float32)
     phase = 2 * math.pi / garment.period
     if garment.pattern == "stripes":
         angle = math.radians(garment.angle_deg)
@@ -205,9 +220,9 @@ def random_background(rng: np.random.Generator, size: int) -> Image.Image:
     t = np.clip(0.5 + (u - 0.5) * math.cos(angle) + (v - 0.5) * math.sin(angle), 0.0, 1.0)[..., None]
     background = Image.fromarray(((1 - t) * colours[0] + t * colours[1]).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(background)
-    for _ in range(rng.integers(1, 5)):
+    for _ in range(rng.integers(*CLUTTER_SHAPES)):
         x0, y0 = rng.uniform(-0.2, 1.0, size=2) * size
-        w, h = rng.uniform(0.1, 0.5, size=2) * size
+        w, h = rng.uniform(*CLUTTER_SIZE, size=2) * size
         fill = tuple(int(c) for c in rng.integers(0, 256, size=3))
         if rng.random() < 0.5:
             draw.ellipse((x0, y0, x0 + w, y0 + h), fill=fill)
@@ -218,11 +233,11 @@ def random_background(rng: np.random.Generator, size: int) -> Image.Image:
 
 def pose_matrix(rng: np.random.Generator, size: int) -> tuple[float, ...]:
     """Output-to-input affine map (PIL's convention) of a random flip, scale, squeeze, rotation, shift."""
-    scale = rng.uniform(0.75, 1.05)
-    squeeze = rng.uniform(0.75, 1.0)  # a garment seen from the side looks narrower
+    scale = rng.uniform(*POSE_SCALE)
+    squeeze = rng.uniform(*POSE_SQUEEZE)
     flip = -1.0 if rng.random() < 0.5 else 1.0
-    angle = math.radians(rng.uniform(-15, 15))
-    shift_x, shift_y = rng.uniform(-0.1, 0.1, size=2) * size
+    angle = math.radians(rng.uniform(-POSE_ROTATION_DEG, POSE_ROTATION_DEG))
+    shift_x, shift_y = rng.uniform(-POSE_SHIFT, POSE_SHIFT, size=2) * size
     # Forward map about the image centre c: out = R @ diag(flip*scale*squeeze, scale) @ (in - c) + c + shift.
     cos, sin = math.cos(angle), math.sin(angle)
     sx, sy = flip * scale * squeeze, scale
@@ -235,12 +250,12 @@ def pose_matrix(rng: np.random.Generator, size: int) -> tuple[float, ...]:
 
 def relight(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Random brightness, contrast and colour cast, plus sensor noise; float32 RGB in, uint8 out."""
-    contrast = rng.uniform(0.7, 1.3)
-    brightness = rng.uniform(-30, 30)
-    cast = rng.uniform(0.85, 1.15, size=3).astype(np.float32)
+    contrast = rng.uniform(*LIGHT_CONTRAST)
+    brightness = rng.uniform(-LIGHT_BRIGHTNESS, LIGHT_BRIGHTNESS)
+    cast = rng.uniform(*LIGHT_CAST, size=3).astype(np.float32)
     mean = image.mean()
     image = ((image - mean) * contrast + mean + brightness) * cast
-    image += rng.normal(0.0, 3.0, size=image.shape).astype(np.float32)
+    image += rng.normal(0.0, NOISE_STD, size=image.shape).astype(np.float32)
     return np.clip(image, 0, 255).round().astype(np.uint8)
 
 
