@@ -83,7 +83,9 @@ def _parse_row(path: Path, number: int, line: str) -> PartitionRow:
     if status not in SPLITS:
         raise ValueError(f"{path}:{number}: unknown evaluation_status {status!r}, expected one of {', '.join(SPLITS)}")
     if not image_name.startswith("img/"):
-        raise ValueError(f"{path}:{number}: expected an image path relative to Img/ starting with 'img/', got {image_name!r}")
+        raise ValueError(
+            f"{path}:{number}: expected an image path relative to Img/ starting with 'img/', got {image_name!r}"
+        )
     return PartitionRow(image_name, item_id, status, number)
 
 

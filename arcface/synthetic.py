@@ -34,6 +34,9 @@ DEFAULT_SEED = 0
 DEFAULT_TRAIN_FRACTION = 0.5
 JPEG_QUALITY = 90
 PARAMS_FILE = "synthetic.json"
+# Part of the parameters recorded in PARAMS_FILE: bump it whenever the same arguments would
+# produce different images, so that a set made by an older generator is never taken for current.
+GENERATOR_VERSION = 2
 
 # Saturated, well separated colours (RGB): a colour cast or a dim light must not turn one into another.
 PALETTE = np.array(
@@ -70,15 +73,15 @@ GARMENT_SCALE = 1.18
 
 # How much views of one item differ (ranges of uniform draws). Pose, background and clutter defeat
 # raw-pixel and untrained-network matching; lighting is kept mild because it is what slows a
-# network down most (a per-channel cast of +-15% cut the Recall@1 a ResNet-18 gains in 10k
-# training images from ~46 to ~17 points).
+# network down most: with a +-20% per-channel cast the Recall@1 a ResNet-18 gains in 10k
+# training images fell from ~45 to ~17 points, with +-30 grey levels and 0.7-1.3 contrast to ~30.
 POSE_SCALE = (0.8, 1.05)
 POSE_SQUEEZE = (0.8, 1.0)  # horizontal only: a garment seen from the side looks narrower
 POSE_ROTATION_DEG = 15.0
 POSE_SHIFT = 0.1  # of the image side
-LIGHT_CONTRAST = (0.9, 1.1)
-LIGHT_BRIGHTNESS = 10.0  # grey levels
-LIGHT_CAST = (0.96, 1.04)  # per-channel gain
+LIGHT_CONTRAST = (0.94, 1.06)
+LIGHT_BRIGHTNESS = 6.0  # grey levels
+LIGHT_CAST = (0.98, 1.02)  # per-channel gain
 NOISE_STD = 3.0  # grey levels
 CLUTTER_SHAPES = (0, 3)  # how many random shapes the background holds: [low, high)
 CLUTTER_SIZE = (0.1, 0.35)  # of the image side
@@ -149,6 +152,11 @@ def _top_outline(sleeves: str, hem_y: float, half_width: float, neck_depth: floa
 
 
 def garment_outline(garment: Garment) -> list[tuple[float, float]]:
+    """The silhouette polygon in canvas units ([0, 1] both ways), GARMENT_SCALE times the outline."""
+    return [(0.5 + (x - 0.5) * GARMENT_SCALE, 0.5 + (y - 0.5) * GARMENT_SCALE) for x, y in _unit_outline(garment)]
+
+
+def _unit_outline(garment: Garment) -> list[tuple[float, float]]:
     long = garment.length == "long"
     if garment.shape == "shirt":
         return _mirror(_top_outline(garment.sleeves, 0.80 if long else 0.62, 0.16, 0.06))
@@ -175,8 +183,7 @@ def garment_mask(garment: Garment, size: int) -> np.ndarray:
     supersample = 4  # draw large and shrink, so edges are smooth at 64 px
     big = size * supersample
     canvas = Image.new("L", (big, big), 0)
-    outline = [(0.5 + (x - 0.5) * GARMENT_SCALE, 0.5 + (y - 0.5) * GARMENT_SCALE) for x, y in garment_outline(garment)]
-    ImageDraw.Draw(canvas).polygon([(x * big, y * big) for x, y in outline], fill=255)
+    ImageDraw.Draw(canvas).polygon([(x * big, y * big) for x, y in garment_outline(garment)], fill=255)
     return np.asarray(canvas.reduce(supersample), dtype=np.float32) / 255.0
 
 
@@ -184,9 +191,9 @@ def pattern_weight(garment: Garment, size: int) -> np.ndarray:
     """Share of the secondary colour at each pixel, in [0, 1], shape (size, size)."""
     v, u = np.mgrid[0:size, 0:size].astype(np.float32) / size
     if garment.pattern == "solid":
-        # The secondary colour trims the lowest tenth of the garment (a hem band).
-        hem_y = 0.5 + (max(y for _, y in garment_outline(garment)) - 0.5) * GARMENT_SCALE
-        return ((v > hem_y - 0.08 * GARMENT_SCALE) & (v < hem_y)).astype(np.float32)
+        # A band of the secondary colour along the hem, so that both colours show on every item.
+        hem_y = max(y for _, y in garment_outline(garment))
+        return ((v > hem_y - 0.1) & (v < hem_y)).astype(np.float32)
     phase = 2 * math.pi / garment.period
     if garment.pattern == "stripes":
         angle = math.radians(garment.angle_deg)
@@ -352,13 +359,20 @@ def generate_inshop(
 
     The set is built in a temporary sibling folder and renamed into place, so out_dir either does
     not exist or holds a complete set. If out_dir already holds a set generated with the same
-    parameters it is reused (several processes may call this at once); any other existing
-    out_dir is an error.
+    parameters (and generator version) it is reused, so several processes may call this at once;
+    an empty out_dir is filled; any other existing out_dir is an error.
     """
     _check_arguments(items, views, size, train_fraction)
     out_dir = Path(out_dir)
-    params = {"items": items, "views": views, "size": size, "seed": seed, "train_fraction": train_fraction}
-    if out_dir.exists():
+    params = {
+        "generator_version": GENERATOR_VERSION,
+        "items": items,
+        "views": views,
+        "size": size,
+        "seed": seed,
+        "train_fraction": train_fraction,
+    }
+    if out_dir.exists() and not _is_empty_folder(out_dir):
         return _reuse(out_dir, params)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
@@ -368,7 +382,7 @@ def generate_inshop(
         os.rename(staging, out_dir)
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
-        if out_dir.exists():  # another process finished the same set first
+        if out_dir.exists() and not _is_empty_folder(out_dir):  # another process finished first
             return _reuse(out_dir, params)
         raise
     except BaseException:
@@ -389,13 +403,21 @@ def _check_arguments(items: int, views: int, size: int, train_fraction: float) -
         raise ValueError(f"items={items}, train_fraction={train_fraction}: need at least 1 train and 2 test items")
 
 
+def _is_empty_folder(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
+
+
 def _reuse(out_dir: Path, params: dict) -> Path:
     params_file = out_dir / PARAMS_FILE
     if not params_file.is_file():
-        raise FileExistsError(f"{out_dir} exists and is not a synthetic data set (no {PARAMS_FILE}); choose another folder")
+        raise FileExistsError(
+            f"{out_dir} exists and is not a synthetic data set (no {PARAMS_FILE}); choose another folder"
+        )
     found = json.loads(params_file.read_text())
     if found != params:
-        raise FileExistsError(f"{params_file}: holds a set generated with {found}, not {params}; remove it or choose another folder")
+        raise FileExistsError(
+            f"{params_file}: holds a set generated with {found}, not {params}; remove it or choose another folder"
+        )
     return out_dir
 
 
@@ -405,9 +427,11 @@ def main(argv: list[str] | None = None) -> None:
         description="Write a synthetic data set in the DeepFashion In-Shop layout "
         "(Eval/list_eval_partition.txt and Img/img/...).",
     )
-    parser.add_argument("out", type=Path, help="folder to create (must not exist, or hold a set with the same parameters)")
-    parser.add_argument("--items", type=int, default=DEFAULT_ITEMS, help=f"number of garments (default {DEFAULT_ITEMS})")
-    parser.add_argument("--views", type=int, default=DEFAULT_VIEWS, help=f"images per garment (default {DEFAULT_VIEWS})")
+    parser.add_argument(
+        "out", type=Path, help="folder to create (must not exist, be empty, or hold a set made with the same arguments)"
+    )
+    parser.add_argument("--items", type=int, default=DEFAULT_ITEMS, help=f"garments (default {DEFAULT_ITEMS})")
+    parser.add_argument("--views", type=int, default=DEFAULT_VIEWS, help=f"images each (default {DEFAULT_VIEWS})")
     parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help=f"image side in pixels (default {DEFAULT_SIZE})")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"random seed (default {DEFAULT_SEED})")
     parser.add_argument(

@@ -63,50 +63,55 @@ def make_jpegs(folder: Path) -> list[str]:
     return sorted(str(path) for path in (root / "Img").rglob("*.jpg"))
 
 
+def pipelines() -> list[tuple[str, str, str, Callable, Callable]]:
+    """(decoder, pipeline, size, load, transform) for every measured combination."""
+    cases = [
+        ("pil", "decode", "256", load_pil, _identity),
+        ("tensor", "decode", "256", transforms.load_image, _identity),
+    ]
+    for resize, crop in SIZES:
+        for split in ("train", "test"):
+            make = transforms.train_transform if split == "train" else transforms.test_transform
+            size = f"{resize}->{crop}"
+            cases.append(("pil", split, size, load_pil, pil_pipeline(split == "train", resize, crop)))
+            cases.append(("tensor", split, size, transforms.load_image, make(resize, crop)))
+    return cases
+
+
+def _identity(image):
+    return image
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=1.5, help="time per measurement (default 1.5)")
+    parser.add_argument("--seconds", type=float, default=1.5, help="CPU time per measurement (default 1.5)")
     parser.add_argument(
         "--gpu_images_per_s", type=float, default=3000.0, help="training images/s one GPU consumes (default 3000)"
     )
     args = parser.parse_args()
     torch.set_num_threads(1)  # one loader worker = one core
 
+    results = []
+    print("images per second of CPU time, one thread (= one loader worker on its own core)")
+    print(f"{'decode':<8}{'pipeline':<10}{'size':<10}{'images/s':>10}{'ms/image':>10}")
     with tempfile.TemporaryDirectory() as folder:
         paths = make_jpegs(Path(folder))
-        results = []
-        print("images per second of CPU time, one thread (= one loader worker on its own core)")
-        print(f"{'decode':<8}{'pipeline':<10}{'size':<10}{'images/s':>10}{'ms/image':>10}")
-        for decoder, load in (("pil", load_pil), ("tensor", transforms.load_image)):
-            rate = images_per_second(paths, load, lambda image: image, args.seconds)
-            print(f"{decoder:<8}{'decode':<10}{'256':<10}{rate:>10.0f}{1000 / rate:>10.2f}")
-            results.append({"decode": decoder, "pipeline": "decode only", "resize": None, "crop": None, "images_per_s": round(rate, 1)})
-        for resize, crop in SIZES:
-            for train in (True, False):
-                for decoder in ("pil", "tensor"):
-                    if decoder == "pil":
-                        load, pipeline = load_pil, pil_pipeline(train, resize, crop)
-                    else:
-                        make = transforms.train_transform if train else transforms.test_transform
-                        load, pipeline = transforms.load_image, make(resize, crop)
-                    rate = images_per_second(paths, load, pipeline, args.seconds)
-                    split = "train" if train else "test"
-                    print(f"{decoder:<8}{split:<10}{f'{resize}->{crop}':<10}{rate:>10.0f}{1000 / rate:>10.2f}")
-                    results.append({"decode": decoder, "pipeline": split, "resize": resize, "crop": crop, "images_per_s": round(rate, 1)})
+        for decoder, split, size, load, pipeline in pipelines():
+            rate = images_per_second(paths, load, pipeline, args.seconds)
+            print(f"{decoder:<8}{split:<10}{size:<10}{rate:>10.0f}{1000 / rate:>10.2f}")
+            results.append({"decode": decoder, "pipeline": split, "size": size, "images_per_s": round(rate, 1)})
 
+    # Workers one GPU needs with the default (tensor) train pipeline.
     workers = {}
-    for resize, crop in SIZES:
-        rate = next(
-            r["images_per_s"]
-            for r in results
-            if r["decode"] == "tensor" and r["pipeline"] == "train" and r["resize"] == resize
-        )
-        workers[f"{resize}->{crop}"] = math.ceil(args.gpu_images_per_s / rate)
-        print(
-            f"train {resize}->{crop}: {rate:.0f} images/s per worker -> "
-            f"{workers[f'{resize}->{crop}']} loader workers (cores) per GPU at {args.gpu_images_per_s:.0f} images/s"
-        )
-    print(json.dumps({"bench": "data_pipeline", "gpu_images_per_s": args.gpu_images_per_s, "results": results, "workers_per_gpu": workers}))
+    for row in results:
+        if row["decode"] == "tensor" and row["pipeline"] == "train":
+            workers[row["size"]] = math.ceil(args.gpu_images_per_s / row["images_per_s"])
+            print(
+                f"train {row['size']}: {row['images_per_s']:.0f} images/s per worker -> {workers[row['size']]} "
+                f"loader workers (cores) per GPU at {args.gpu_images_per_s:.0f} images/s"
+            )
+    summary = {"gpu_images_per_s": args.gpu_images_per_s, "results": results, "workers_per_gpu": workers}
+    print(json.dumps({"bench": "data_pipeline", **summary}))
 
 
 if __name__ == "__main__":

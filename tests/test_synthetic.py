@@ -110,8 +110,23 @@ def test_existing_folder_with_other_contents_is_refused(small_set: Path, tmp_pat
     with pytest.raises(FileExistsError, match="synthetic.json"):
         generate_inshop(small_set, items=ITEMS, views=VIEWS, size=SIZE, seed=6)
     (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("not a data set")
     with pytest.raises(FileExistsError, match="mine"):
         generate_inshop(tmp_path / "mine", items=4, views=2, size=32)
+    assert [path.name for path in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+
+
+def test_set_from_another_generator_version_is_refused(small_set: Path, monkeypatch):
+    monkeypatch.setattr(synthetic, "GENERATOR_VERSION", synthetic.GENERATOR_VERSION + 1)
+    with pytest.raises(FileExistsError, match="generator_version"):
+        generate_inshop(small_set, items=ITEMS, views=VIEWS, size=SIZE, seed=5)
+
+
+def test_an_empty_folder_is_filled(tmp_path: Path):
+    (tmp_path / "set").mkdir()
+    root = generate_inshop(tmp_path / "set", items=4, views=2, size=32)
+    assert (root / "Eval" / "list_eval_partition.txt").is_file()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["set"]
 
 
 def test_failed_generation_leaves_nothing_behind(tmp_path: Path, monkeypatch):
@@ -130,7 +145,9 @@ def test_failed_generation_leaves_nothing_behind(tmp_path: Path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # neither the set nor its staging folder
 
 
-@pytest.mark.parametrize("kwargs, fragment", [({"views": 1}, "views=1"), ({"items": 2}, "items=2"), ({"size": 8}, "size=8")])
+@pytest.mark.parametrize(
+    "kwargs, fragment", [({"views": 1}, "views=1"), ({"items": 2}, "items=2"), ({"size": 8}, "size=8")]
+)
 def test_bad_arguments_are_refused(tmp_path: Path, kwargs: dict, fragment: str):
     with pytest.raises(ValueError, match=fragment):
         generate_inshop(tmp_path / "set", **kwargs)
@@ -139,7 +156,8 @@ def test_bad_arguments_are_refused(tmp_path: Path, kwargs: dict, fragment: str):
 
 def test_command_line(tmp_path: Path):
     out = tmp_path / "cli"
-    command = [sys.executable, "-m", "arcface.synthetic", str(out), "--items", "4", "--views", "2", "--size", "24", "--seed", "1"]
+    command = [sys.executable, "-m", "arcface.synthetic", str(out)]
+    command += ["--items", "4", "--views", "2", "--size", "24", "--seed", "1"]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     lines, rows = read_rows(out)
@@ -150,5 +168,5 @@ def test_command_line(tmp_path: Path):
     refused = subprocess.run(command[:4] + ["--views", "1"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "views=1" in refused.stderr
 
-    helped = subprocess.run([sys.executable, "-m", "arcface.synthetic", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    helped = subprocess.run(command[:3] + ["--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert helped.returncode == 0 and "--items" in helped.stdout and "In-Shop" in helped.stdout

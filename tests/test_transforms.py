@@ -37,7 +37,8 @@ def test_constant_image_normalises_to_closed_form(make):
     out = make(36, 32)(image)
     expected = (np.array(rgb) - MEAN) / STD  # e.g. red: (200 - 123.675) / 58.395
     for channel in range(3):
-        assert torch.allclose(out[channel].double(), torch.full((32, 32), expected[channel], dtype=torch.float64), atol=1e-5)
+        constant = torch.full((32, 32), expected[channel], dtype=torch.float64)
+        assert torch.allclose(out[channel].double(), constant, atol=1e-5)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
