@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 import distributed
 from arcface.inshop import InShop
 from arcface.model import RetrievalModel, build_model
-from arcface.synthetic import generate_inshop
+from arcface.synthetic import GENERATOR_VERSION, generate_inshop
 from arcface.transforms import test_transform, train_transform
 from config import Config
 
@@ -63,6 +63,7 @@ def load_train_objs(cfg: Config) -> TrainObjects:
     train_set = InShop(root, "train", transform=train_transform(cfg.resize, cfg.crop))
     query_set = InShop(root, "query", transform=test_transform(cfg.resize, cfg.crop))
     gallery_set = InShop(root, "gallery", transform=test_transform(cfg.resize, cfg.crop))
+    torch.manual_seed(cfg.seed)  # the same seed gives the same initial weights, so a run can be repeated
     model = build_model(
         num_classes=train_set.num_classes, arch=cfg.arch, pretrained=cfg.pretrained or None,
         pooling=cfg.pooling, embedding_dim=cfg.embedding_dim or None, scale=cfg.scale,
@@ -90,9 +91,15 @@ def make_optimizer(cfg: Config, model: nn.Module, num_train: int) -> tuple[torch
 
 
 def synthetic_root(cfg: Config) -> Path:
-    """The demo set, generated once per setting. A file lock lets every process call this at once."""
+    """The demo set, generated once per setting and generator version.
+
+    generate_inshop alone is already safe when several processes call it at once (it builds in a
+    staging folder and renames); the file lock only spares the other ranks from drawing the same
+    images in parallel while one of them does.
+    """
     root = Path(cfg.synthetic_dir) / (
-        f"items{cfg.synthetic_items}_views{cfg.synthetic_views}_size{cfg.synthetic_size}_seed{cfg.synthetic_seed}"
+        f"v{GENERATOR_VERSION}_items{cfg.synthetic_items}_views{cfg.synthetic_views}"
+        f"_size{cfg.synthetic_size}_seed{cfg.synthetic_seed}"
     )
     partition = root / "Eval" / "list_eval_partition.txt"
     if partition.exists():

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import signal
@@ -11,7 +12,8 @@ import torch.multiprocessing as mp
 
 import distributed
 import trainer as trainer_module
-from datautils import EpochSampler, MyTrainDataset, lr_schedule, steps_per_epoch
+from config import Config, load_toml
+from datautils import EpochSampler, MyTrainDataset, load_train_objs, lr_schedule, steps_per_epoch
 from toy import init_gloo, toy_config, toy_trainer
 from trainer import SnapshotMismatch, Trainer, load_snapshot
 
@@ -43,6 +45,17 @@ def test_lr_schedule_warmup_then_cosine():
     assert lrs[20] == pytest.approx(1.0)  # the cosine starts at the full rate
     assert lrs[60] == pytest.approx(0.1 + 0.45 * (1 + np.cos(np.pi * 40 / 80)))
     assert np.all(np.diff(lrs[20:]) <= 0) and lrs[-1] > 0.1
+
+
+def test_load_train_objs_is_seeded_and_scales_lr(tmp_path):
+    values = load_toml("configs/smoke.toml") | dict(synthetic_dir=str(tmp_path), seed=3, lr=0.32, lr_batch_size=64)
+    cfg = Config(**values)
+    first, again = load_train_objs(cfg), load_train_objs(cfg)
+    other = load_train_objs(dataclasses.replace(cfg, seed=4))
+    assert_same_weights(first.model.state_dict(), again.model.state_dict())
+    assert not torch.equal(first.model.head.weight, other.model.head.weight)
+    assert first.optimizer.param_groups[0]["lr"] == pytest.approx(0.32 * cfg.batch_size / 64)
+    assert (len(first.train_set), len(first.query_set) + len(first.gallery_set)) == (12 * 4, 12 * 4)
 
 
 def test_steps_per_epoch_matches_loader_length():
