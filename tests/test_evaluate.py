@@ -13,7 +13,9 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import Dataset
 
-from arcface.evaluate import dataset_labels, evaluate_retrieval, extract_embeddings
+from arcface.evaluate import (
+    dataset_labels, embed_loader, evaluate_loaders, evaluate_retrieval, extract_embeddings, prepare_eval_loader,
+)
 from arcface.metrics import retrieval_metrics
 
 CPU = torch.device("cpu")
@@ -115,6 +117,26 @@ def test_evaluate_without_process_group_matches_metrics_of_direct_embeddings():
         query_set.labels, gallery_set.labels, recall_at=(1, 3), map_at=(5,),
     )
     assert metrics == expected
+
+
+def test_persistent_loaders_evaluate_repeatedly_like_one_off_loaders():
+    model, (query_set, gallery_set) = TinyEmbedder(), _query_and_gallery()
+    expected = evaluate_retrieval(model.embed, query_set, gallery_set, batch_size=4, device=CPU, recall_at=(1, 3))
+    query_loader, gallery_loader = (
+        prepare_eval_loader(data, 4, CPU, num_workers=1, persistent_workers=True) for data in (query_set, gallery_set)
+    )
+    first = evaluate_loaders(model.embed, query_loader, gallery_loader, CPU, recall_at=(1, 3))
+    workers = query_loader._iterator._workers  # kept alive between passes
+    second = evaluate_loaders(model.embed, query_loader, gallery_loader, CPU, recall_at=(1, 3))
+    assert first == second == expected
+    assert query_loader._iterator._workers == workers and all(worker.is_alive() for worker in workers)
+
+
+def test_embed_loader_refuses_a_loader_without_indices():
+    model, (dataset, _) = TinyEmbedder(), _query_and_gallery()
+    plain = torch.utils.data.DataLoader(dataset, batch_size=4)
+    with pytest.raises(TypeError, match="prepare_eval_loader.*ImageSet"):
+        embed_loader(model.embed, plain, CPU)
 
 
 def test_labels_come_from_iteration_when_the_set_has_no_labels_attribute():
