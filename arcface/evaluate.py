@@ -46,10 +46,8 @@ def prepare_eval_loader(
     `persistent_workers` its worker processes start once instead of at every evaluation (under
     mp.spawn workers are spawned too, at ~2.5 s each on a CPU).
     """
-    if len(dataset) == 0:
-        raise ValueError("extract_embeddings: the data set is empty; expected at least one item")
     if batch_size < 1:
-        raise ValueError(f"extract_embeddings: batch_size must be >= 1, got {batch_size}")
+        raise ValueError(f"prepare_eval_loader: batch_size must be >= 1, got {batch_size}")
     indexed = _WithIndex(dataset)
     return DataLoader(
         indexed,
@@ -81,6 +79,8 @@ def embed_loader(
             "embed_loader: expected a loader made by prepare_eval_loader (batches carry data-set indices), "
             f"got one over {type(loader.dataset).__name__}"
         )
+    if len(loader.dataset) == 0:
+        raise ValueError("embed_loader: the data set is empty; expected at least one item")
     batches = tqdm(loader, desc="embedding", unit="batch", disable=not (progress and _is_main_process()))
     embeddings, indices = _embed_batches(model, batches, device, autocast_dtype, channels_last)
     if _is_distributed():

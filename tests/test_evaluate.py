@@ -139,6 +139,14 @@ def test_embed_loader_refuses_a_loader_without_indices():
         embed_loader(model.embed, plain, CPU)
 
 
+def test_empty_set_and_bad_batch_size_are_refused():
+    model = TinyEmbedder()
+    with pytest.raises(ValueError, match="data set is empty"):
+        extract_embeddings(model.embed, ImageSet(0, seed=1), batch_size=4, device=CPU)
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        prepare_eval_loader(ImageSet(3, seed=1), 0, CPU)
+
+
 def test_labels_come_from_iteration_when_the_set_has_no_labels_attribute():
     without_attribute = ImageSet(5, seed=3, expose_labels=False)
     assert not hasattr(without_attribute, "labels")
