@@ -235,10 +235,7 @@ def arg_parser(description: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--config", default=None, help="TOML file of config fields")
     defaults = Config()
     for name, kind in _field_types().items():
-        if name in ("total_epochs", "save_every"):
-            flags = [f"--{name}"]
-        else:
-            flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
         kw: dict[str, Any] = dict(dest=f"opt_{name}", default=None, metavar=name.upper(),
                                   help=f"default: {getattr(defaults, name)!r}")
         if kind is bool:

@@ -48,6 +48,8 @@ def test_dashes_and_underscores_and_bools():
     parser = config.arg_parser()
     cfg = config.from_args(parser.parse_args(["--batch-size", "4", "--sync_bn", "true", "--nesterov", "no"]))
     assert cfg.batch_size == 4 and cfg.sync_bn is True and cfg.nesterov is False
+    cfg = config.from_args(parser.parse_args(["--total-epochs", "3", "--save-every", "2"]))
+    assert (cfg.total_epochs, cfg.save_every) == (3, 2)
 
 
 def test_dump_and_load_round_trip(tmp_path):
