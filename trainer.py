@@ -116,16 +116,19 @@ class Trainer:
             if self.epochs_run == 0 and self.step_in_epoch == 0 and not self.history:
                 self._evaluate(0)  # the untrained model's recall: the baseline the run improves on
             for epoch in range(self.epochs_run, cfg.total_epochs):
-                train_stats = self._run_epoch(epoch)
-                if self.stop_signal is not None:
+                train_stats, stop = self._run_epoch(epoch)
+                if self.step_in_epoch == self.steps_per_epoch:  # else a stop cut the epoch short
+                    self.epochs_run, self.step_in_epoch = epoch + 1, 0
+                    self._log({"epoch": self.epochs_run, **train_stats})
+                last = self.epochs_run == cfg.total_epochs
+                if stop and not last:
+                    # Every rank agreed to stop after the same step. No evaluation: the grace
+                    # period before a kill is short. A stop during the very last step just finishes.
                     self._save_snapshot()
                     self._wait_for_all()
-                    self._say(f"stopped by {signal.Signals(self.stop_signal).name} at epoch {epoch + 1} "
+                    self._say(f"stopped by {signal.Signals(self.stop_signal).name} at epoch {self.epochs_run + 1} "
                               f"step {self.step_in_epoch}; snapshot saved to {self.snapshot_path}")
                     return 128 + self.stop_signal
-                self.epochs_run, self.step_in_epoch = epoch + 1, 0
-                self._log({"epoch": self.epochs_run, **train_stats})
-                last = self.epochs_run == cfg.total_epochs
                 if last or self.epochs_run % cfg.eval_every == 0:
                     self._evaluate(self.epochs_run)
                 if last or self.epochs_run % cfg.save_every == 0:
@@ -138,7 +141,8 @@ class Trainer:
         finally:
             self._restore_signals(previous_handlers)
 
-    def _run_epoch(self, epoch: int) -> dict[str, float]:
+    def _run_epoch(self, epoch: int) -> tuple[dict[str, float], bool]:
+        """Trains to the end of the epoch, or to the step at which every rank agreed to stop."""
         cfg = self.cfg
         accum = cfg.grad_accum_steps
         self.train_data.sampler.set_epoch(epoch, start=self.step_in_epoch * accum * cfg.batch_size)
@@ -146,7 +150,7 @@ class Trainer:
         bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, disable=not self.is_main,
                    desc=f"epoch {epoch + 1}/{cfg.total_epochs}", dynamic_ncols=True,
                    mininterval=0.5 if sys.stderr.isatty() else 30.0, leave=False)
-        loss_sum, steps, images, start = 0.0, 0, 0, time.perf_counter()
+        loss_sum, steps, images, start, stop = 0.0, 0, 0, time.perf_counter(), False
         micro_loss = torch.zeros((), device=self.device)
         for micro, (source, targets) in enumerate(self.train_data, start=1):
             source = source.to(self.device, non_blocking=True)
@@ -170,8 +174,7 @@ class Trainer:
                 break
         bar.close()
         seconds = time.perf_counter() - start
-        return {"loss": loss_sum / max(steps, 1), "lr": lr if steps else float("nan"),
-                "images_per_s": images / seconds, "seconds": seconds}
+        return {"loss": loss_sum / steps, "lr": lr, "images_per_s": images / seconds, "seconds": seconds}, stop
 
     def _run_batch(self, source: torch.Tensor, targets: torch.Tensor, sync: bool) -> torch.Tensor:
         no_sync = self.ddp_model.no_sync() if (self.ddp_model is not None and not sync) else nullcontext()

@@ -152,6 +152,44 @@ def test_signal_stops_mid_epoch_and_resume_is_exact(tmp_path, monkeypatch):
     assert train_epochs(read_lines(tmp_path / "run")) == [1, 2, 3, 4]
 
 
+def _signal_on_batch(monkeypatch, number: int) -> None:
+    original, calls = Trainer._run_batch, {"n": 0}
+
+    def run_batch(self, *args):
+        calls["n"] += 1
+        if calls["n"] == number:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return original(self, *args)
+
+    monkeypatch.setattr(Trainer, "_run_batch", run_batch)
+
+
+def test_signal_in_the_last_step_of_an_epoch_completes_that_epoch(tmp_path, monkeypatch):
+    full = toy_trainer(toy_config(tmp_path / "full"))
+    full.train()
+    _signal_on_batch(monkeypatch, 16)  # 8 steps per epoch: the last step of epoch 2
+    stopped = toy_trainer(toy_config(tmp_path / "run"))
+    assert stopped.train() == 128 + signal.SIGUSR1
+    snap = load_snapshot(tmp_path / "run" / "snapshot.pt")
+    assert (snap["epochs_run"], snap["step_in_epoch"]) == (2, 0)
+    lines = read_lines(tmp_path / "run")
+    assert train_epochs(lines) == [1, 2] and all(np.isfinite(r["lr"]) for r in lines if "lr" in r)
+    monkeypatch.undo()
+    resumed = toy_trainer(toy_config(tmp_path / "run"))
+    assert resumed.train() == 0
+    assert_same_weights(full.raw_model.state_dict(), resumed.raw_model.state_dict())
+    assert train_epochs(read_lines(tmp_path / "run")) == [1, 2, 3, 4]
+
+
+def test_signal_in_the_very_last_step_finishes_the_run(tmp_path, monkeypatch):
+    _signal_on_batch(monkeypatch, 32)
+    trainer = toy_trainer(toy_config(tmp_path))
+    assert trainer.train() == 0
+    lines = read_lines(tmp_path)
+    assert train_epochs(lines) == [1, 2, 3, 4] and [r["epoch"] for r in lines if "recall@1" in r] == [0, 2, 4]
+    assert load_snapshot(tmp_path / "snapshot.pt")["epochs_run"] == 4
+
+
 def test_crash_while_writing_snapshot_keeps_the_previous_one(tmp_path, monkeypatch):
     t = toy_trainer(toy_config(tmp_path, total_epochs=2))
     t.train()
