@@ -6,11 +6,13 @@ Global rank 0 does the once-per-job work (snapshots, logs, metrics); LOCAL_RANK 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 
 
 def is_distributed() -> bool:
@@ -61,6 +63,31 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def join_forwarding_signals(context: mp.ProcessContext) -> int:
+    """Waits for mp.spawn(..., join=False) workers; returns the exit status for the launcher.
+
+    SIGTERM and SIGUSR1 sent to the launcher are passed on to every worker, whose Trainer then
+    stops after a snapshot. Left alone, the launcher would die and its workers would get SIGINT
+    (mp.spawn's parent-death signal) and stop without one. A worker's exit status, such as
+    128 + signal after a graceful stop, becomes the launcher's.
+    """
+    def forward(signum: int, frame: object) -> None:
+        for process in context.processes:
+            if process.is_alive():
+                os.kill(process.pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        while not context.join():
+            pass
+    except mp.ProcessExitedException as error:
+        return error.exit_code if error.exit_code > 0 else 128 - error.exit_code  # -N: killed by signal N
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
 
 
 def restart_safe_store() -> dist.Store | None:

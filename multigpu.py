@@ -51,4 +51,5 @@ if __name__ == "__main__":
                         help="processes to start (default: one per GPU, or 2 on a CPU)")
     args = parser.parse_args()
     cfg = config_or_exit(parser, args)
-    mp.spawn(main, args=(args.nprocs, distributed.free_port(), cfg), nprocs=args.nprocs)
+    context = mp.spawn(main, args=(args.nprocs, distributed.free_port(), cfg), nprocs=args.nprocs, join=False)
+    sys.exit(distributed.join_forwarding_signals(context))

@@ -119,6 +119,23 @@ def test_torchrun_restart_resumes_after_a_worker_is_killed(tmp_path, synthetic_d
     check_complete_run(tmp_path, 4)
 
 
+def test_multigpu_passes_sigterm_to_its_workers_which_stop_with_a_snapshot(tmp_path, synthetic_dir):
+    cmd = [sys.executable, "multigpu.py", *smoke_args(tmp_path, synthetic_dir, epochs=12), "--nprocs", "2"]
+    launcher = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(tmp_path / "snapshot.pt", launcher, timeout=180)
+        launcher.send_signal(signal.SIGTERM)
+        output, _ = launcher.communicate(timeout=120)
+    finally:
+        launcher.kill()
+    assert launcher.returncode == 128 + signal.SIGTERM, output[-4000:]
+    assert "stopped by SIGTERM" in output and "Traceback" not in output, output[-4000:]
+    assert [r["epoch"] for r in lines(tmp_path) if "loss" in r][-1] < 12
+    resumed = run(cmd)
+    assert "resuming from snapshot" in resumed.stdout + resumed.stderr
+    check_complete_run(tmp_path, 12)
+
+
 def test_multinode_two_agents_without_a_shared_file_system(tmp_path):
     """Two torchrun agents (two "nodes") with separate disks: output and data directories."""
     port = distributed.free_port()
