@@ -228,6 +228,7 @@ class Trainer:
     def _evaluate(self, epoch: int) -> None:
         cfg = self.cfg
         start = time.perf_counter()
+        self._share_rank0_buffers()
         metrics = evaluate_loaders(
             self.raw_model.embed, self.query_loader, self.gallery_loader, device=self.device,
             recall_at=cfg.recall_at, map_at=cfg.map_at, ap_mode=cfg.ap_mode,
@@ -238,6 +239,17 @@ class Trainer:
         if not self.best or record["recall@1"] > self.best["recall@1"]:
             self.best = {"epoch": epoch, "recall@1": record["recall@1"]}
         self._log(record)
+
+    def _share_rank0_buffers(self) -> None:
+        """BatchNorm statistics of rank 0 on every rank: the ones the snapshot keeps.
+
+        DDP copies rank 0's buffers at the start of each training forward, so after the last step
+        each rank holds statistics of its own batches; evaluated as they are, every rank would embed
+        its share with another model. (Without SyncBatchNorm, that is; the copy is harmless with it.)
+        """
+        if self.world_size > 1:
+            for buffer in self.raw_model.buffers():
+                dist.broadcast(buffer, src=0)
 
     def _log(self, record: dict[str, Any]) -> None:
         """One summary line on the console and one JSON line in metrics.jsonl (rank 0)."""

@@ -14,7 +14,8 @@ import distributed
 import trainer as trainer_module
 from config import Config, load_toml
 from datautils import EpochSampler, MyTrainDataset, load_train_objs, lr_schedule, steps_per_epoch
-from toy import init_gloo, toy_config, toy_trainer
+from arcface.evaluate import evaluate_retrieval
+from toy import ToyModel, init_gloo, toy_config, toy_eval_sets, toy_trainer
 from trainer import SnapshotMismatch, Trainer, load_snapshot
 
 
@@ -283,6 +284,32 @@ def test_ddp_two_processes_equal_one_process_on_the_same_global_batch(tmp_path):
     evals = lambda d: [r for r in read_lines(d) if "recall@1" in r]
     for a, b in zip(evals(tmp_path / "ddp"), evals(tmp_path / "single")):
         assert a["recall@1"] == pytest.approx(b["recall@1"]) and a["mAP@10"] == pytest.approx(b["mAP@10"], abs=1e-4)
+
+
+def _batch_norm_worker(rank: int, port: int, out_dir: str) -> None:
+    init_gloo(rank, 2, port)
+    try:
+        t = toy_trainer(toy_config(out_dir, total_epochs=2), batch_norm=True)
+        t.train()
+        torch.save(dict(t.raw_model.named_buffers()), Path(out_dir) / f"buffers{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_evaluates_with_the_batch_norm_statistics_the_snapshot_keeps(tmp_path):
+    # After its last step each rank holds BatchNorm statistics of its own batches; evaluation
+    # must not mix them, or the logged metrics differ from those of the saved model.
+    mp.spawn(_batch_norm_worker, args=(distributed.free_port(), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"buffers{rank}.pt", weights_only=True) for rank in (0, 1)]
+    assert all(torch.equal(ranks[0][name], ranks[1][name]) for name in ranks[0])
+    model = ToyModel(batch_norm=True)
+    model.load_state_dict(load_snapshot(tmp_path / "snapshot.pt")["model"])
+    query_set, gallery_set = toy_eval_sets()
+    expected = evaluate_retrieval(model.embed, query_set, gallery_set, batch_size=16, device=torch.device("cpu"),
+                                  recall_at=(1, 5), map_at=(10,))
+    logged = [r for r in read_lines(tmp_path) if "recall@1" in r][-1]
+    metrics = [k for k in expected if "@" in k]
+    assert [logged[k] for k in metrics] == pytest.approx([expected[k] for k in metrics])
 
 
 def test_compile_and_channels_last_run_on_cpu(tmp_path):

@@ -14,13 +14,14 @@ from trainer import Trainer
 
 
 class ToyModel(nn.Module):
-    def __init__(self, in_features: int = 20, dim: int = 8, num_classes: int = 4):
+    def __init__(self, in_features: int = 20, dim: int = 8, num_classes: int = 4, batch_norm: bool = False):
         super().__init__()
         self.embedding = nn.Linear(in_features, dim)
+        self.norm = nn.BatchNorm1d(dim) if batch_norm else nn.Identity()
         self.head = ArcFaceHead(dim, num_classes, scale=16.0, margin=0.2)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.embedding(x)
+        return self.norm(self.embedding(x))
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         features = self.embed(x)
@@ -35,11 +36,15 @@ def toy_config(out_dir: str, **changes) -> Config:
     return Config(**values)
 
 
-def toy_trainer(cfg: Config, train_size: int = 64) -> Trainer:
+def toy_eval_sets() -> tuple[MyTrainDataset, MyTrainDataset]:
+    return MyTrainDataset(15, seed=1, split=1), MyTrainDataset(21, seed=1, split=2)
+
+
+def toy_trainer(cfg: Config, train_size: int = 64, batch_norm: bool = False) -> Trainer:
     torch.manual_seed(0)  # the same initial weights in every process and every run
-    model = ToyModel()
+    model = ToyModel(batch_norm=batch_norm)
     train_set = MyTrainDataset(train_size, seed=1, split=0)
-    query_set, gallery_set = MyTrainDataset(15, seed=1, split=1), MyTrainDataset(21, seed=1, split=2)
+    query_set, gallery_set = toy_eval_sets()
     optimizer, schedule, _ = make_optimizer(cfg, model, len(train_set))
     loader = prepare_dataloader(train_set, cfg.batch_size, cfg.num_workers, cfg.seed)
     return Trainer(cfg, model, loader, optimizer, schedule, query_set, gallery_set)
