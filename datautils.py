@@ -197,4 +197,5 @@ def prepare_dataloader(dataset: Dataset, batch_size: int, num_workers: int = 0, 
         pin_memory=pin_memory,
         drop_last=True,  # BatchNorm and the margin loss want full batches
         persistent_workers=num_workers > 0,
+        worker_init_fn=distributed.ignore_stop_signals,
     )

@@ -65,6 +65,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Preemption asks a job to stop with these (Slurm: USR1 before the time limit, TERM on scancel or
+# preemption; torchrun forwards TERM): the Trainer then stops after a snapshot.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker_init_fn: loader workers ignore the stop signals.
+
+    Slurm and torchrun signal the whole process group. A worker killed by SIGTERM makes the
+    main process raise instead of finishing its step and saving; a forked worker would also run
+    the Trainer's handler. Workers still exit when their main process does.
+    """
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def join_forwarding_signals(context: mp.ProcessContext) -> int:
     """Waits for mp.spawn(..., join=False) workers; returns the exit status for the launcher.
 
@@ -78,7 +94,7 @@ def join_forwarding_signals(context: mp.ProcessContext) -> int:
             if process.is_alive():
                 os.kill(process.pid, signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}
     try:
         while not context.join():
             pass

@@ -85,11 +85,15 @@ class Trainer:
         self.optimizer = optimizer
         self.lr_schedule = lr_schedule
         self.steps_per_epoch = len(lr_schedule) // cfg.total_epochs
-        # Built once, workers kept between evaluations: restarting them costs seconds per evaluation.
-        self.query_loader = prepare_eval_loader(
-            query_set, cfg.eval_batch_size, self.device, cfg.num_workers, persistent_workers=True)
-        self.gallery_loader = prepare_eval_loader(
-            gallery_set, cfg.eval_batch_size, self.device, cfg.num_workers, persistent_workers=True)
+        # Spawned loader workers (in mp.spawn's processes, on macOS) take seconds to start, so they
+        # are kept between evaluations; forked ones (Linux, torchrun) restart for free and do not
+        # sit idle through training (2 x num_workers processes per rank).
+        keep_workers = torch.multiprocessing.get_start_method() != "fork"
+        self.query_loader, self.gallery_loader = (
+            prepare_eval_loader(data, cfg.eval_batch_size, self.device, cfg.num_workers,
+                                persistent_workers=keep_workers, worker_init_fn=distributed.ignore_stop_signals)
+            for data in (query_set, gallery_set)
+        )
         # Loss scaling only matters for fp16; a disabled scaler passes everything through.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
 
@@ -374,7 +378,7 @@ class Trainer:
         if sys.platform == "win32" or not _in_main_thread():
             return {}
         previous = {}
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in distributed.STOP_SIGNALS:
             previous[sig] = signal.signal(sig, self._on_stop_signal)
         return previous
 

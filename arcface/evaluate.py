@@ -39,6 +39,7 @@ def prepare_eval_loader(
     device: torch.device,
     num_workers: int = 0,
     persistent_workers: bool = False,
+    worker_init_fn: Callable[[int], None] | None = None,
 ) -> DataLoader:
     """A loader of (image, data-set index) batches: this rank's share when a process group exists.
 
@@ -57,6 +58,7 @@ def prepare_eval_loader(
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
         persistent_workers=persistent_workers and num_workers > 0,
+        worker_init_fn=worker_init_fn,
     )
 
 

@@ -136,6 +136,22 @@ def test_multigpu_passes_sigterm_to_its_workers_which_stop_with_a_snapshot(tmp_p
     check_complete_run(tmp_path, 12)
 
 
+def test_sigterm_to_the_process_group_stops_cleanly_with_loader_workers(tmp_path, synthetic_dir):
+    # What Slurm and torchrun do: the signal reaches the loader workers too.
+    cmd = [sys.executable, "single_gpu.py", *smoke_args(tmp_path, synthetic_dir, epochs=12), "--num_workers", "1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        wait_for(tmp_path / "snapshot.pt", proc, timeout=180)
+        os.killpg(proc.pid, signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, output[-4000:]
+    assert "stopped by SIGTERM" in output and "Traceback" not in output, output[-4000:]
+    assert output.count("SIGTERM received") == 1, output[-4000:]  # the workers stay quiet
+
+
 def test_multinode_two_agents_without_a_shared_file_system(tmp_path):
     """Two torchrun agents (two "nodes") with separate disks: output and data directories."""
     port = distributed.free_port()
