@@ -128,6 +128,10 @@ def _validate(cfg: Config) -> None:
         ks = getattr(cfg, key)
         if not ks or any(k < 1 for k in ks):
             raise ConfigError(f"{key}: expected a non-empty list of integers >= 1, got {list(ks)!r}")
+    if 1 not in cfg.recall_at:
+        raise ConfigError(f"recall_at: expected a list holding 1 (recall@1 picks the best epoch), got {list(cfg.recall_at)!r}")
+    if not 0 <= cfg.margin < math.pi:
+        raise ConfigError(f"margin: expected radians in [0, pi), got {cfg.margin}")
     if cfg.warmup_epochs > cfg.total_epochs:
         raise ConfigError(f"warmup_epochs: expected at most total_epochs ({cfg.total_epochs}), got {cfg.warmup_epochs}")
 
@@ -282,8 +286,26 @@ def parse_config(argv: Sequence[str] | None = None, description: str | None = No
 
 
 def config_or_exit(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Config:
+    """The configuration of the command line; exits with status 2 naming the key when it is unusable."""
     try:
-        return from_args(args)
+        cfg = from_args(args)
+        check_paths(cfg)
+        return cfg
     except ConfigError as e:
         parser.error(str(e))
         raise  # unreachable: parser.error exits
+
+
+def check_paths(cfg: Config) -> None:
+    """Paths the run reads must exist and the folders it writes must not be files: found now, not
+    after the data set and model are built."""
+    if cfg.data_root and not Path(cfg.data_root).is_dir():
+        raise ConfigError(f"data_root: {cfg.data_root} is not a folder (expected the In-Shop root, "
+                          f"with Eval/list_eval_partition.txt and Img/)")
+    if cfg.margin_file and not Path(cfg.margin_file).is_file():
+        raise ConfigError(f"margin_file: no such file {cfg.margin_file}")
+    if cfg.pretrained not in ("", "imagenet") and not Path(cfg.pretrained).is_file():
+        raise ConfigError(f"pretrained: expected \"imagenet\" or a checkpoint file; no such file {cfg.pretrained}")
+    for key, folder in (("out_dir", Path(cfg.out_dir)), ("snapshot", cfg.snapshot_path.parent)):
+        if any(parent.exists() and not parent.is_dir() for parent in (folder, *folder.parents)):
+            raise ConfigError(f"{key}: {folder} cannot be a folder (a file is in the way)")

@@ -108,3 +108,30 @@ def test_one_gpu_recipe_differs_from_the_reference_only_in_batch_and_precision()
             if k not in ("batch_size", "eval_batch_size", "num_workers", "amp", "out_dir", "log_every")}
     assert {k: getattr(one, k) for k in same} == {k: Config(**ref).__getattribute__(k) for k in same}
     assert one.batch_size == 64 and one.amp == "auto"
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--recall_at", "5"], ["recall_at", "holding 1"]),
+    (["--margin", "3.5"], ["margin", "[0, pi)"]),
+    (["--data_root", "{tmp}/nowhere"], ["data_root", "nowhere", "list_eval_partition.txt"]),
+    (["--margin_file", "{tmp}/margins.txt"], ["margin_file", "margins.txt"]),
+    (["--pretrained", "{tmp}/r50.pth"], ["pretrained", "r50.pth"]),
+    (["--out_dir", "{tmp}/a_file/run"], ["out_dir", "a_file"]),
+    (["--snapshot", "{tmp}/a_file/snapshot.pt"], ["snapshot", "a_file"]),
+])
+def test_unusable_values_and_paths_exit_2_naming_the_key(tmp_path, capsys, flags, words):
+    (tmp_path / "a_file").write_text("not a folder")
+    parser = config.arg_parser()
+    args = parser.parse_args([flag.format(tmp=tmp_path) for flag in flags])
+    with pytest.raises(SystemExit) as exit_info:
+        config.config_or_exit(parser, args)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert all(word in error for word in words), error
+
+
+def test_existing_paths_pass(tmp_path):
+    (tmp_path / "margins.txt").write_text("0.5\n")
+    cfg = Config(data_root=str(tmp_path), margin_file=str(tmp_path / "margins.txt"), pretrained="imagenet",
+                 out_dir=str(tmp_path / "new" / "run"), recall_at=(5, 1))
+    config.check_paths(cfg)
