@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import sys
 import threading
@@ -361,6 +362,15 @@ class Trainer:
                               f"{current.get(k, self._num_classes())!r}" for k in keys)
             raise SnapshotMismatch(f"{path} belongs to another run ({diffs}). Use another --out_dir "
                                    f"(or --snapshot), or delete the snapshot to start afresh.")
+        if snapshot["epochs_run"] > self.cfg.total_epochs:
+            raise SnapshotMismatch(
+                f"{path} has run {snapshot['epochs_run']} epochs, more than total_epochs "
+                f"{self.cfg.total_epochs}. Give total_epochs >= {snapshot['epochs_run']} to continue it, or "
+                f"another --out_dir (or --snapshot) for a new run."
+            )
+        if snapshot["step_in_epoch"] >= snapshot["steps_per_epoch"]:
+            raise SnapshotMismatch(f"{path}: step {snapshot['step_in_epoch']} is not inside an epoch of "
+                                   f"{snapshot['steps_per_epoch']} steps; the snapshot is damaged")
         if snapshot["step_in_epoch"] and snapshot["steps_per_epoch"] != self.steps_per_epoch:
             raise SnapshotMismatch(
                 f"{path} stopped in the middle of an epoch of {snapshot['steps_per_epoch']} steps, but "
@@ -443,15 +453,31 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
             tmp.unlink()
 
 
+SNAPSHOT_KEYS = ("format_version", "model", "optimizer", "scaler", "epochs_run", "step_in_epoch",
+                 "steps_per_epoch", "num_classes", "config", "history", "best", "rng")
+
+
 def load_snapshot(path: Path) -> dict[str, Any]:
     """weights_only: a snapshot from elsewhere can hold tensors and plain data, never code."""
     try:
         snapshot = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: say which one
-        raise SnapshotMismatch(f"{path}: cannot be read as a snapshot ({type(e).__name__}: {e})") from e
+        raise SnapshotMismatch(f"{path}: cannot be read as a snapshot ({_first_line(e)})") from e
     if not isinstance(snapshot, dict) or "format_version" not in snapshot:
         raise SnapshotMismatch(f"{path}: not a snapshot of this project (no 'format_version' key)")
+    missing = [key for key in SNAPSHOT_KEYS if key not in snapshot]
+    if missing:
+        raise SnapshotMismatch(f"{path}: not a complete snapshot (missing {', '.join(missing)})")
     return snapshot
+
+
+def _first_line(error: Exception) -> str:
+    """Why torch.load failed, in one line. Its advice to retry with weights_only=False is left out:
+    a snapshot never needs code to load, so a file that does is not one."""
+    if isinstance(error, pickle.UnpicklingError):
+        return "not a torch file of tensors and plain data"
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}; truncated, or not written by torch.save"
 
 
 def snapshot_position(path: Path) -> tuple[int, int] | None:
@@ -462,7 +488,7 @@ def snapshot_position(path: Path) -> tuple[int, int] | None:
         snapshot = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return int(snapshot["epochs_run"]), int(snapshot["step_in_epoch"])
     except Exception as e:
-        raise SnapshotMismatch(f"{path}: cannot be read as a snapshot ({type(e).__name__}: {e})") from e
+        raise SnapshotMismatch(f"{path}: cannot be read as a snapshot ({_first_line(e)})") from e
 
 
 def _in_main_thread() -> bool:

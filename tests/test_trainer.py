@@ -219,8 +219,25 @@ def test_snapshot_from_another_model_is_refused(tmp_path):
     with pytest.raises(SnapshotMismatch, match="num_classes"):
         toy_trainer(toy_config(tmp_path, total_epochs=1))
     (tmp_path / "snapshot.pt").write_bytes(b"not a snapshot")
-    with pytest.raises(SnapshotMismatch, match="snapshot.pt"):
+    with pytest.raises(SnapshotMismatch, match="snapshot.pt: cannot be read as a snapshot") as refused:
         toy_trainer(toy_config(tmp_path, total_epochs=1))
+    assert "weights_only" not in str(refused.value)
+    torch.save({"format_version": 1, "model": {}}, tmp_path / "snapshot.pt")
+    with pytest.raises(SnapshotMismatch, match="not a complete snapshot .missing optimizer"):
+        toy_trainer(toy_config(tmp_path, total_epochs=1))
+
+
+def test_resuming_with_fewer_total_epochs_is_refused_before_anything_is_rewritten(tmp_path):
+    toy_trainer(toy_config(tmp_path, total_epochs=2)).train()
+    config_before = (tmp_path / "config.toml").read_text()
+    with pytest.raises(SnapshotMismatch, match="has run 2 epochs, more than total_epochs 1"):
+        toy_trainer(toy_config(tmp_path, total_epochs=1))
+    assert (tmp_path / "config.toml").read_text() == config_before
+    snap = load_snapshot(tmp_path / "snapshot.pt")
+    snap["epochs_run"], snap["step_in_epoch"] = 1, snap["steps_per_epoch"]
+    torch.save(snap, tmp_path / "snapshot.pt")
+    with pytest.raises(SnapshotMismatch, match="step 8 is not inside an epoch of 8 steps"):
+        toy_trainer(toy_config(tmp_path, total_epochs=2))
 
 
 def test_non_finite_loss_stops_naming_epoch_and_step(tmp_path, monkeypatch):
