@@ -118,8 +118,10 @@ class Trainer:
         cfg = self.cfg
         previous_handlers = self._catch_stop_signals()
         try:
-            if self.epochs_run == 0 and self.step_in_epoch == 0 and not self.history:
-                self._evaluate(0)  # the untrained model's recall: the baseline the run improves on
+            if self.step_in_epoch == 0 and self._evaluation_missing(self.epochs_run):
+                # Epoch 0: the untrained model, the baseline the run improves on. Later: an
+                # evaluation a stop at the end of that epoch skipped.
+                self._evaluate(self.epochs_run)
             for epoch in range(self.epochs_run, cfg.total_epochs):
                 train_stats, stop = self._run_epoch(epoch)
                 if self.step_in_epoch == self.steps_per_epoch:  # else a stop cut the epoch short
@@ -244,6 +246,10 @@ class Trainer:
         if not self.best or record["recall@1"] > self.best["recall@1"]:
             self.best = {"epoch": epoch, "recall@1": record["recall@1"]}
         self._log(record)
+
+    def _evaluation_missing(self, epoch: int) -> bool:
+        due = epoch % self.cfg.eval_every == 0 or epoch == self.cfg.total_epochs
+        return due and not any(r["epoch"] == epoch and "recall@1" in r for r in self.history)
 
     def _share_rank0_buffers(self) -> None:
         """BatchNorm statistics of rank 0 on every rank: the ones the snapshot keeps.
