@@ -342,9 +342,15 @@ class Trainer:
         """
         if self.world_size == 1:
             return load_snapshot(self.snapshot_path) if self.snapshot_path.exists() else None
-        mine = snapshot_position(self.snapshot_path) if self.local_rank == 0 else None
+        try:
+            mine = snapshot_position(self.snapshot_path) if self.local_rank == 0 else None
+        except SnapshotMismatch as unreadable:
+            mine = str(unreadable)  # told to every rank, which all stop, instead of leaving them waiting
         positions: list[Any] = [None] * self.world_size
         dist.all_gather_object(positions, mine)
+        errors = [p for p in positions if isinstance(p, str)]
+        if errors:
+            raise SnapshotMismatch(errors[0])
         seen = [(p, rank) for rank, p in enumerate(positions) if p is not None]
         if not seen:
             return None

@@ -2,6 +2,7 @@ import dataclasses
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -330,6 +331,32 @@ def test_ddp_evaluates_with_the_batch_norm_statistics_the_snapshot_keeps(tmp_pat
     logged = [r for r in read_lines(tmp_path) if "recall@1" in r][-1]
     metrics = [k for k in expected if "@" in k]
     assert [logged[k] for k in metrics] == pytest.approx([expected[k] for k in metrics])
+
+
+def _unreadable_snapshot_worker(rank: int, port: int, out_dir: str) -> None:
+    init_gloo(rank, 2, port)
+    try:
+        toy_trainer(toy_config(out_dir))
+        outcome = "started"
+    except SnapshotMismatch as refused:
+        outcome = str(refused)
+    finally:
+        dist.destroy_process_group()
+    (Path(out_dir) / f"rank{rank}.txt").write_text(outcome)
+
+
+def test_an_unreadable_snapshot_stops_every_rank_instead_of_hanging(tmp_path):
+    (tmp_path / "snapshot.pt").write_bytes(b"not a snapshot")  # only local rank 0 reads it
+    context = mp.spawn(_unreadable_snapshot_worker, args=(distributed.free_port(), str(tmp_path)), nprocs=2,
+                       join=False)
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the ranks did not stop")
+    for rank in (0, 1):
+        assert "snapshot.pt: cannot be read as a snapshot" in (tmp_path / f"rank{rank}.txt").read_text(), rank
 
 
 def test_compile_and_channels_last_run_on_cpu(tmp_path):
