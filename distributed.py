@@ -5,6 +5,8 @@ Global rank 0 does the once-per-job work (snapshots, logs, metrics); LOCAL_RANK 
 
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.util
 import os
 import signal
 import socket
@@ -79,6 +81,21 @@ def ignore_stop_signals(worker_id: int) -> None:
     """
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+def _kill_loader_workers() -> None:
+    """At exit multiprocessing sends SIGTERM to its daemonic children (the loader workers) and
+    waits for them; workers that ignore it would be waited for forever, e.g. after an error."""
+    if hasattr(signal, "SIGCHLD"):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report a worker crash
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+# Run by multiprocessing's exit function before it terminates and joins children, both at
+# interpreter exit and when an mp.spawn process ends.
+multiprocessing.util.Finalize(None, _kill_loader_workers, exitpriority=100)
 
 
 def join_forwarding_signals(context: mp.ProcessContext) -> int:

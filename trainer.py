@@ -120,8 +120,10 @@ class Trainer:
         try:
             if self.step_in_epoch == 0 and self._evaluation_missing(self.epochs_run):
                 # Epoch 0: the untrained model, the baseline the run improves on. Later: an
-                # evaluation a stop at the end of that epoch skipped.
+                # evaluation a stop at the end of that epoch skipped, kept in the snapshot.
                 self._evaluate(self.epochs_run)
+                if self.epochs_run:
+                    self._save_snapshot()
             for epoch in range(self.epochs_run, cfg.total_epochs):
                 train_stats, stop = self._run_epoch(epoch)
                 if self.step_in_epoch == self.steps_per_epoch:  # else a stop cut the epoch short
@@ -355,8 +357,15 @@ class Trainer:
         if not seen:
             return None
         newest, source = max(seen, key=lambda item: (tuple(item[0]), -item[1]))
-        box = [load_snapshot(self.snapshot_path) if self.global_rank == source else None]
+        box: list[Any] = [None]
+        if self.global_rank == source:
+            try:
+                box[0] = load_snapshot(self.snapshot_path)
+            except SnapshotMismatch as unusable:
+                box[0] = str(unusable)  # sent instead, so every rank stops with the reason
         dist.broadcast_object_list(box, src=source, device=self.device if self.device.type == "cuda" else None)
+        if isinstance(box[0], str):
+            raise SnapshotMismatch(box[0])
         return box[0]
 
     def _check_snapshot(self, snapshot: dict[str, Any]) -> None:

@@ -120,7 +120,8 @@ def test_torchrun_restart_resumes_after_a_worker_is_killed(tmp_path, synthetic_d
 
 
 def test_multigpu_passes_sigterm_to_its_workers_which_stop_with_a_snapshot(tmp_path, synthetic_dir):
-    cmd = [sys.executable, "multigpu.py", *smoke_args(tmp_path, synthetic_dir, epochs=12), "--nprocs", "2"]
+    cmd = [sys.executable, "multigpu.py", *smoke_args(tmp_path, synthetic_dir, epochs=12), "--nprocs", "2",
+           "--num_workers", "1"]
     launcher = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(tmp_path / "snapshot.pt", launcher, timeout=180)
@@ -150,6 +151,13 @@ def test_sigterm_to_the_process_group_stops_cleanly_with_loader_workers(tmp_path
     assert proc.returncode == 128 + signal.SIGTERM, output[-4000:]
     assert "stopped by SIGTERM" in output and "Traceback" not in output, output[-4000:]
     assert output.count("SIGTERM received") == 1, output[-4000:]  # the workers stay quiet
+
+
+@pytest.mark.parametrize("launcher", [["single_gpu.py"], ["multigpu.py", "--nprocs", "2"]])
+def test_an_error_with_loader_workers_exits(tmp_path, synthetic_dir, launcher):
+    cmd = [sys.executable, *launcher, *smoke_args(tmp_path, synthetic_dir), "--num_workers", "1", "--lr", "1e12"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "non-finite loss" in proc.stdout + proc.stderr, proc.stderr[-3000:]
 
 
 def test_multinode_two_agents_without_a_shared_file_system(tmp_path):

@@ -186,6 +186,16 @@ def test_signal_in_the_last_step_of_an_epoch_completes_that_epoch(tmp_path, monk
     assert strip(read_lines(tmp_path / "run")) == strip(read_lines(tmp_path / "full"))
 
 
+def test_an_evaluation_run_on_resume_is_kept(tmp_path, monkeypatch):
+    _signal_on_batch(monkeypatch, 16)  # the end of epoch 2, which is not an evaluation epoch of 4
+    assert toy_trainer(toy_config(tmp_path, eval_every=4)).train() == 128 + signal.SIGUSR1
+    monkeypatch.undo()
+    for _ in range(2):  # a shorter run: epoch 2 is now its last, so its evaluation is due
+        assert toy_trainer(toy_config(tmp_path, eval_every=4, total_epochs=2)).train() == 0
+    assert [r["epoch"] for r in read_lines(tmp_path) if "recall@1" in r] == [0, 2]
+    assert [r["epoch"] for r in load_snapshot(tmp_path / "snapshot.pt")["history"] if "recall@1" in r] == [0, 2]
+
+
 def test_signal_in_the_very_last_step_finishes_the_run(tmp_path, monkeypatch):
     _signal_on_batch(monkeypatch, 32)
     trainer = toy_trainer(toy_config(tmp_path))
@@ -345,8 +355,15 @@ def _unreadable_snapshot_worker(rank: int, port: int, out_dir: str) -> None:
     (Path(out_dir) / f"rank{rank}.txt").write_text(outcome)
 
 
-def test_an_unreadable_snapshot_stops_every_rank_instead_of_hanging(tmp_path):
-    (tmp_path / "snapshot.pt").write_bytes(b"not a snapshot")  # only local rank 0 reads it
+@pytest.mark.parametrize("content, reason", [
+    (b"not a snapshot", "cannot be read as a snapshot"),
+    ({"format_version": 1, "epochs_run": 1, "step_in_epoch": 0}, "not a complete snapshot"),
+])
+def test_an_unreadable_snapshot_stops_every_rank_instead_of_hanging(tmp_path, content, reason):
+    if isinstance(content, bytes):
+        (tmp_path / "snapshot.pt").write_bytes(content)  # only local rank 0 reads it
+    else:
+        torch.save(content, tmp_path / "snapshot.pt")
     context = mp.spawn(_unreadable_snapshot_worker, args=(distributed.free_port(), str(tmp_path)), nprocs=2,
                        join=False)
     deadline = time.monotonic() + 120
@@ -356,7 +373,7 @@ def test_an_unreadable_snapshot_stops_every_rank_instead_of_hanging(tmp_path):
                 process.kill()
             pytest.fail("the ranks did not stop")
     for rank in (0, 1):
-        assert "snapshot.pt: cannot be read as a snapshot" in (tmp_path / f"rank{rank}.txt").read_text(), rank
+        assert f"snapshot.pt: {reason}" in (tmp_path / f"rank{rank}.txt").read_text(), rank
 
 
 def test_compile_and_channels_last_run_on_cpu(tmp_path):
