@@ -135,8 +135,10 @@ class Trainer:
                     # period before a kill is short. A stop during the very last step just finishes.
                     self._save_snapshot()
                     self._wait_for_all()
-                    self._say(f"stopped by {signal.Signals(self.stop_signal).name} at epoch {self.epochs_run + 1} "
-                              f"step {self.step_in_epoch}; snapshot saved to {self.snapshot_path}")
+                    where = (f"at epoch {self.epochs_run + 1} step {self.step_in_epoch}" if self.step_in_epoch
+                             else f"after epoch {self.epochs_run}")
+                    self._say(f"stopped by {signal.Signals(self.stop_signal).name} {where}; "
+                              f"snapshot saved to {self.snapshot_path}")
                     return 128 + self.stop_signal
                 if last or self.epochs_run % cfg.eval_every == 0:
                     self._evaluate(self.epochs_run)

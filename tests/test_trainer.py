@@ -166,7 +166,7 @@ def _signal_on_batch(monkeypatch, number: int) -> None:
     monkeypatch.setattr(Trainer, "_run_batch", run_batch)
 
 
-def test_signal_in_the_last_step_of_an_epoch_completes_that_epoch(tmp_path, monkeypatch):
+def test_signal_in_the_last_step_of_an_epoch_completes_that_epoch(tmp_path, monkeypatch, capsys):
     full = toy_trainer(toy_config(tmp_path / "full"))
     full.train()
     _signal_on_batch(monkeypatch, 16)  # 8 steps per epoch: the last step of epoch 2
@@ -174,6 +174,7 @@ def test_signal_in_the_last_step_of_an_epoch_completes_that_epoch(tmp_path, monk
     assert stopped.train() == 128 + signal.SIGUSR1
     snap = load_snapshot(tmp_path / "run" / "snapshot.pt")
     assert (snap["epochs_run"], snap["step_in_epoch"]) == (2, 0)
+    assert "stopped by SIGUSR1 after epoch 2; snapshot saved" in capsys.readouterr().out
     lines = read_lines(tmp_path / "run")
     assert train_epochs(lines) == [1, 2] and all(np.isfinite(r["lr"]) for r in lines if "lr" in r)
     monkeypatch.undo()
