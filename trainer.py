@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -346,28 +347,19 @@ class Trainer:
         """
         if self.world_size == 1:
             return load_snapshot(self.snapshot_path) if self.snapshot_path.exists() else None
-        try:
-            mine = snapshot_position(self.snapshot_path) if self.local_rank == 0 else None
-        except SnapshotMismatch as unreadable:
-            mine = str(unreadable)  # told to every rank, which all stop, instead of leaving them waiting
+        # A reading error travels as its message in place of the result, so that every rank stops
+        # with it instead of waiting in the collective for the rank that failed.
+        mine = _or_reason(snapshot_position, self.snapshot_path) if self.local_rank == 0 else None
         positions: list[Any] = [None] * self.world_size
         dist.all_gather_object(positions, mine)
-        errors = [p for p in positions if isinstance(p, str)]
-        if errors:
-            raise SnapshotMismatch(errors[0])
+        _raise_any_reason(positions)
         seen = [(p, rank) for rank, p in enumerate(positions) if p is not None]
         if not seen:
             return None
         newest, source = max(seen, key=lambda item: (tuple(item[0]), -item[1]))
-        box: list[Any] = [None]
-        if self.global_rank == source:
-            try:
-                box[0] = load_snapshot(self.snapshot_path)
-            except SnapshotMismatch as unusable:
-                box[0] = str(unusable)  # sent instead, so every rank stops with the reason
+        box = [_or_reason(load_snapshot, self.snapshot_path) if self.global_rank == source else None]
         dist.broadcast_object_list(box, src=source, device=self.device if self.device.type == "cuda" else None)
-        if isinstance(box[0], str):
-            raise SnapshotMismatch(box[0])
+        _raise_any_reason(box)
         return box[0]
 
     def _check_snapshot(self, snapshot: dict[str, Any]) -> None:
@@ -512,6 +504,20 @@ def snapshot_position(path: Path) -> tuple[int, int] | None:
         return int(snapshot["epochs_run"]), int(snapshot["step_in_epoch"])
     except Exception as e:
         raise SnapshotMismatch(f"{path}: cannot be read as a snapshot ({_first_line(e)})") from e
+
+
+def _or_reason(read: Callable[[Path], Any], path: Path) -> Any:
+    """read(path), or the message of the SnapshotMismatch it raised."""
+    try:
+        return read(path)
+    except SnapshotMismatch as unusable:
+        return str(unusable)
+
+
+def _raise_any_reason(results: list[Any]) -> None:
+    reasons = [r for r in results if isinstance(r, str)]
+    if reasons:
+        raise SnapshotMismatch(reasons[0])
 
 
 def _in_main_thread() -> bool:
