@@ -1,93 +1,31 @@
-"""Data sets, model, optimizer and schedule for the training job (`load_train_objs`), and loaders.
+"""The job's data: its data sets (In-Shop or the generated demo set) and the training loader.
 
-The names follow the PyTorch DDP tutorial (`MyTrainDataset`, `load_train_objs`,
-`prepare_dataloader`); what they build is the ArcFace retrieval job.
+`prepare_dataloader` keeps the PyTorch DDP tutorial's name; its sampler shards every epoch over
+the processes, resumes in the middle of one, and seeds each sample's augmentation.
 """
 
 from __future__ import annotations
 
 import fcntl
-import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-import distributed
+import runtime
 from arcface.inshop import InShop
-from arcface.model import RetrievalModel, build_model
 from arcface.synthetic import GENERATOR_VERSION, generate_inshop
 from arcface.transforms import test_transform, train_transform
 from config import Config
 
 
-class MyTrainDataset(Dataset):
-    """The tutorial's toy set, made learnable: Gaussian clusters, one per class, in `in_features` dims.
-
-    (The tutorial's version pairs random inputs with a one-column target, so its model never learns.)
-    """
-
-    def __init__(self, size: int, in_features: int = 20, num_classes: int = 4, seed: int = 0,
-                 split: int = 0):
-        centres = 3.0 * torch.randn(num_classes, in_features, generator=torch.Generator().manual_seed(seed))
-        g = torch.Generator().manual_seed(seed * 7919 + split + 1)  # another split: other samples, same classes
-        self.labels = torch.randint(num_classes, (size,), generator=g)
-        self.data = centres[self.labels] + torch.randn(size, in_features, generator=g)
-        self.num_classes = num_classes
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.data[index], self.labels[index]
-
-
-@dataclass
-class TrainObjects:
-    train_set: Dataset
-    query_set: Dataset
-    gallery_set: Dataset
-    model: RetrievalModel
-    optimizer: torch.optim.Optimizer
-    lr_schedule: np.ndarray  # learning rate of every optimizer step of the run
-    steps_per_epoch: int  # optimizer steps
-
-
-def load_train_objs(cfg: Config) -> TrainObjects:
-    """Everything the Trainer needs. Call after the process group exists: lr scales with world size."""
+def load_datasets(cfg: Config) -> tuple[InShop, InShop, InShop]:
+    """The train, query and gallery sets of cfg.data_root, or of the synthetic demo set."""
     root = Path(cfg.data_root) if cfg.data_root else synthetic_root(cfg)
-    train_set = InShop(root, "train", transform=train_transform(cfg.resize, cfg.crop))
-    query_set = InShop(root, "query", transform=test_transform(cfg.resize, cfg.crop))
-    gallery_set = InShop(root, "gallery", transform=test_transform(cfg.resize, cfg.crop))
-    torch.manual_seed(cfg.seed)  # the same seed gives the same initial weights, so a run can be repeated
-    model = build_model(
-        num_classes=train_set.num_classes, arch=cfg.arch, pretrained=cfg.pretrained or None,
-        pooling=cfg.pooling, embedding_dim=cfg.embedding_dim or None, scale=cfg.scale,
-        margin=cfg.margin_file or cfg.margin, sub_centers=cfg.sub_centers, easy_margin=cfg.easy_margin,
-    )
-    optimizer, schedule, steps = make_optimizer(cfg, model, len(train_set))
-    return TrainObjects(train_set, query_set, gallery_set, model, optimizer, schedule, steps)
-
-
-def make_optimizer(cfg: Config, model: nn.Module, num_train: int) -> tuple[torch.optim.Optimizer, np.ndarray, int]:
-    """SGD and its per-step learning rates for this world size: (optimizer, lr_schedule, steps_per_epoch)."""
-    world = distributed.world_size()
-    steps = steps_per_epoch(num_train, world, cfg.batch_size, cfg.grad_accum_steps)
-    if steps == 0:
-        raise ValueError(
-            f"batch_size: {num_train} training images are too few for batch_size {cfg.batch_size} "
-            f"x {world} processes x grad_accum_steps {cfg.grad_accum_steps}"
-        )
-    # Linear scaling rule: lr is given for a total batch of lr_batch_size images.
-    base_lr = cfg.lr * cfg.batch_size * world * cfg.grad_accum_steps / cfg.lr_batch_size
-    optimizer = torch.optim.SGD(model.parameters(), lr=base_lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay, nesterov=cfg.nesterov and cfg.momentum > 0)
-    schedule = lr_schedule(base_lr, cfg.total_epochs, steps, cfg.warmup_epochs, cfg.warmup_factor, cfg.min_lr)
-    return optimizer, schedule, steps
+    return (InShop(root, "train", transform=train_transform(cfg.resize, cfg.crop)),
+            InShop(root, "query", transform=test_transform(cfg.resize, cfg.crop)),
+            InShop(root, "gallery", transform=test_transform(cfg.resize, cfg.crop)))
 
 
 def synthetic_root(cfg: Config) -> Path:
@@ -108,32 +46,11 @@ def synthetic_root(cfg: Config) -> Path:
     with open(root.parent / ".generate.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not partition.exists():
-            if distributed.local_rank() == 0:
-                print(f"generating the synthetic In-Shop set in {root} ...", flush=True)
+            # One process per node gets here; the others wait on the lock, then find the set.
+            print(f"generating the synthetic In-Shop set in {root} ...", flush=True)
             generate_inshop(root, items=cfg.synthetic_items, views=cfg.synthetic_views,
                             size=cfg.synthetic_size, seed=cfg.synthetic_seed)
     return root
-
-
-def steps_per_epoch(num_samples: int, world_size: int, batch_size: int, grad_accum_steps: int = 1) -> int:
-    """Optimizer steps per epoch: each process sees ceil(N / world) samples in full batches only."""
-    batches = math.ceil(num_samples / world_size) // batch_size
-    return batches // grad_accum_steps
-
-
-def lr_schedule(base_lr: float, epochs: int, steps_per_epoch: int, warmup_epochs: float,
-                warmup_factor: float, min_lr: float = 0.0) -> np.ndarray:
-    """Per-step learning rates: linear warm-up from warmup_factor * lr, then cosine to min_lr.
-
-    Precomputed as an array (as DINO does) so it can be plotted and tested, and so resuming needs
-    nothing but the step number.
-    """
-    total = epochs * steps_per_epoch
-    warmup = min(round(warmup_epochs * steps_per_epoch), total)
-    ramp = base_lr * (warmup_factor + (1.0 - warmup_factor) * np.arange(warmup) / max(warmup, 1))
-    t = np.arange(total - warmup) / max(total - warmup, 1)
-    cosine = min_lr + 0.5 * (base_lr - min_lr) * (1.0 + np.cos(np.pi * t))
-    return np.concatenate([ramp, cosine])
 
 
 class EpochSampler(DistributedSampler):
@@ -175,7 +92,7 @@ class SeededDataset(Dataset):
         index, seed = key
         with torch.random.fork_rng(devices=[]):
             # Only the CPU generator drives the transforms; torch.manual_seed would also seed
-            # (and, where uninitialised, queue work for) every accelerator: ~0.2 ms per sample.
+            # (and, where uninitialised, queue work for) every accelerator, for every sample.
             torch.default_generator.manual_seed(seed)
             return self.dataset[index]
 
@@ -188,7 +105,7 @@ def prepare_dataloader(dataset: Dataset, batch_size: int, num_workers: int = 0, 
     """
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
-    sampler = EpochSampler(dataset, distributed.world_size(), distributed.global_rank(), seed=seed)
+    sampler = EpochSampler(dataset, runtime.world_size(), runtime.global_rank(), seed=seed)
     return DataLoader(
         SeededDataset(dataset),
         batch_size=batch_size,
@@ -197,5 +114,5 @@ def prepare_dataloader(dataset: Dataset, batch_size: int, num_workers: int = 0, 
         pin_memory=pin_memory,
         drop_last=True,  # BatchNorm and the margin loss want full batches
         persistent_workers=num_workers > 0,
-        worker_init_fn=distributed.ignore_stop_signals,
+        worker_init_fn=runtime.stop_signal_safe_workers(),
     )

@@ -13,31 +13,32 @@ import torch
 import torch.multiprocessing as mp
 from torch.distributed import destroy_process_group, init_process_group
 
-import distributed
+import runtime
 from config import Config, arg_parser, config_or_exit
-from datautils import load_train_objs, prepare_dataloader
+from datautils import prepare_dataloader
+from job import load_train_objs
 from trainer import Trainer
 
 
-def ddp_setup(rank: int, world_size: int, port: int, cfg: Config) -> None:
+def ddp_setup(rank: int, world_size: int, port: int, cfg: Config) -> torch.device:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
-    os.environ["LOCAL_RANK"] = str(rank)  # one node: the local rank is the global rank
-    device = distributed.pick_device(cfg.device, rank)
+    device = runtime.pick_device(cfg.device, rank)  # one node: the local rank is the global rank
     if device.type == "cuda":
         torch.cuda.set_device(device)
     else:  # processes share the CPU cores instead of each using them all
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    init_process_group(backend=distributed.backend_for(device), rank=rank, world_size=world_size)
+    init_process_group(backend=runtime.backend_for(device), rank=rank, world_size=world_size)
+    return device
 
 
 def main(rank: int, world_size: int, port: int, cfg: Config) -> None:
-    ddp_setup(rank, world_size, port, cfg)
+    device = ddp_setup(rank, world_size, port, cfg)
     try:
         objs = load_train_objs(cfg)
         train_data = prepare_dataloader(objs.train_set, cfg.batch_size, cfg.num_workers, cfg.seed)
-        trainer = Trainer(cfg, objs.model, train_data, objs.optimizer, objs.lr_schedule,
-                          objs.query_set, objs.gallery_set)
+        trainer = Trainer(cfg, objs.model, train_data, objs.optimizer, objs.schedule,
+                          objs.query_set, objs.gallery_set, device)
         code = trainer.train()
     finally:
         destroy_process_group()
@@ -51,5 +52,5 @@ if __name__ == "__main__":
                         help="processes to start (default: one per GPU, or 2 on a CPU)")
     args = parser.parse_args()
     cfg = config_or_exit(parser, args)
-    context = mp.spawn(main, args=(args.nprocs, distributed.free_port(), cfg), nprocs=args.nprocs, join=False)
-    sys.exit(distributed.join_forwarding_signals(context))
+    context = mp.spawn(main, args=(args.nprocs, runtime.free_port(), cfg), nprocs=args.nprocs, join=False)
+    sys.exit(runtime.join_forwarding_signals(context))

@@ -12,27 +12,29 @@ import sys
 import torch
 from torch.distributed import destroy_process_group, init_process_group
 
-import distributed
+import runtime
 from config import Config, parse_config
-from datautils import load_train_objs, prepare_dataloader
+from datautils import prepare_dataloader
+from job import load_train_objs
 from trainer import Trainer
 
 
-def ddp_setup(cfg: Config) -> None:
-    device = distributed.pick_device(cfg.device, int(os.environ["LOCAL_RANK"]))
+def ddp_setup(cfg: Config) -> torch.device:
+    device = runtime.pick_device(cfg.device, int(os.environ["LOCAL_RANK"]))
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    init_process_group(backend=distributed.backend_for(device), store=distributed.restart_safe_store(),
+    init_process_group(backend=runtime.backend_for(device), store=runtime.restart_safe_store(),
                        rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    return device
 
 
 def main(cfg: Config) -> int:
-    ddp_setup(cfg)
+    device = ddp_setup(cfg)
     try:
         objs = load_train_objs(cfg)
         train_data = prepare_dataloader(objs.train_set, cfg.batch_size, cfg.num_workers, cfg.seed)
-        trainer = Trainer(cfg, objs.model, train_data, objs.optimizer, objs.lr_schedule,
-                          objs.query_set, objs.gallery_set)
+        trainer = Trainer(cfg, objs.model, train_data, objs.optimizer, objs.schedule,
+                          objs.query_set, objs.gallery_set, device)
         return trainer.train()
     finally:
         destroy_process_group()

@@ -16,32 +16,34 @@ import sys
 import torch
 from torch.distributed import destroy_process_group, init_process_group
 
-import distributed
+import runtime
 from config import Config, parse_config
-from datautils import load_train_objs, prepare_dataloader
+from datautils import prepare_dataloader
+from job import load_train_objs
 from trainer import Trainer
 
 
-def ddp_setup(cfg: Config) -> None:
-    distributed.apply_slurm_env()  # srun without torchrun: ranks come from Slurm
+def ddp_setup(cfg: Config) -> torch.device:
+    runtime.apply_slurm_env()  # srun without torchrun: ranks come from Slurm
     local_rank, global_rank = int(os.environ["LOCAL_RANK"]), int(os.environ["RANK"])
-    device = distributed.pick_device(cfg.device, local_rank)
+    device = runtime.pick_device(cfg.device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    init_process_group(backend=distributed.backend_for(device), store=distributed.restart_safe_store(),
+    init_process_group(backend=runtime.backend_for(device), store=runtime.restart_safe_store(),
                        rank=global_rank, world_size=int(os.environ["WORLD_SIZE"]))
     if local_rank == 0:
         print(f"[{socket.gethostname()}] global rank {global_rank} of {os.environ['WORLD_SIZE']}, "
               f"local rank {local_rank} on {device}", flush=True)
+    return device
 
 
 def main(cfg: Config) -> int:
-    ddp_setup(cfg)
+    device = ddp_setup(cfg)
     try:
         objs = load_train_objs(cfg)
         train_data = prepare_dataloader(objs.train_set, cfg.batch_size, cfg.num_workers, cfg.seed)
-        trainer = Trainer(cfg, objs.model, train_data, objs.optimizer, objs.lr_schedule,
-                          objs.query_set, objs.gallery_set)
+        trainer = Trainer(cfg, objs.model, train_data, objs.optimizer, objs.schedule,
+                          objs.query_set, objs.gallery_set, device)
         return trainer.train()
     finally:
         destroy_process_group()

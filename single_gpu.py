@@ -8,16 +8,19 @@ generated on first use, evaluated by Recall@K and mAP@10 before, during and afte
 
 import sys
 
+import runtime
 from config import Config, parse_config
-from datautils import load_train_objs, prepare_dataloader
+from datautils import prepare_dataloader
+from job import load_train_objs
 from trainer import Trainer
 
 
 def main(cfg: Config) -> int:
+    device = runtime.pick_device(cfg.device)
     objs = load_train_objs(cfg)
     train_data = prepare_dataloader(objs.train_set, cfg.batch_size, cfg.num_workers, cfg.seed)
-    trainer = Trainer(cfg, objs.model, train_data, objs.optimizer, objs.lr_schedule,
-                      objs.query_set, objs.gallery_set)
+    trainer = Trainer(cfg, objs.model, train_data, objs.optimizer, objs.schedule,
+                      objs.query_set, objs.gallery_set, device)
     return trainer.train()
 
 

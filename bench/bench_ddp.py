@@ -45,7 +45,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
 from arcface.model import build_model  # noqa: E402
-from distributed import free_port  # noqa: E402
+from runtime import free_port  # noqa: E402
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 

@@ -41,7 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from arcface.model import RetrievalModel, build_model  # noqa: E402
 from config import Config  # noqa: E402
-from datautils import SeededDataset, make_optimizer, prepare_dataloader  # noqa: E402
+from datautils import SeededDataset, prepare_dataloader  # noqa: E402
+from job import make_optimizer, make_schedule  # noqa: E402
 from trainer import Trainer  # noqa: E402
 
 VARIANTS = ("bare", "trainer", "trainer_batches")
@@ -177,7 +178,7 @@ def step_costs(trainer: Trainer, dataset: TensorDataset, args: argparse.Namespac
         "seeded_fork_rng_per_step": fork_rng - plain_get,
         "loader_cpu_seed_per_step": microseconds_per_call(lambda: list(cpu_seeded_loader), 2) / len(loader),
         "cpu_seed_fork_rng_per_step": cpu_fork_rng - plain_get,
-        "agree_on_step": microseconds_per_call(lambda: trainer._agree_on_step(loss, 0), 200),
+        "agree_on_step": microseconds_per_call(lambda: trainer._agree_on_step(loss), 200),
         "stack_tolist": microseconds_per_call(lambda: torch.stack([loss, loss, loss]).tolist(), 200),
         "tqdm_update": bar_update,
     }
@@ -229,9 +230,10 @@ def main(argv: list[str] | None = None) -> dict:
     load_before = load_average()
     with tempfile.TemporaryDirectory() as out_dir:
         cfg = bench_config(args, out_dir)
-        optimizer, schedule, _ = make_optimizer(cfg, model, len(dataset))
+        schedule = make_schedule(cfg, len(dataset))
+        optimizer = make_optimizer(cfg, model, schedule)
         loader = prepare_dataloader(dataset, args.batch_size, num_workers=0, seed=cfg.seed)
-        trainer = Trainer(cfg, model, loader, optimizer, schedule, dataset, dataset)
+        trainer = Trainer(cfg, model, loader, optimizer, schedule, dataset, dataset, torch.device("cpu"))
         epochs = iter(range(cfg.total_epochs))
         batch_loader = BatchLoader(batches)
         runs = {

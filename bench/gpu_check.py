@@ -56,7 +56,8 @@ sys.path.insert(0, str(ROOT))  # run from anywhere without installing
 from arcface.model import build_model  # noqa: E402
 from bench.bench_trainer import BatchLoader  # noqa: E402
 from config import Config  # noqa: E402
-from datautils import make_optimizer  # noqa: E402
+from job import make_optimizer, make_schedule  # noqa: E402
+from snapshot import atomic_write_text  # noqa: E402
 from trainer import Trainer  # noqa: E402
 
 NUM_CLASSES = 3997  # In-Shop training items
@@ -146,14 +147,7 @@ class Report:
     def add(self, name: str, value: Any) -> None:
         self.results[name] = value
         if self.out_dir is not None:
-            write_json_atomic(self.out_dir / "gpu_check.json", self.results)
-
-
-def write_json_atomic(path: Path, value: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
+            atomic_write_text(self.out_dir / "gpu_check.json", json.dumps(self.results, indent=1, default=str) + "\n")
 
 
 def release_memory() -> None:
@@ -406,9 +400,9 @@ def trainer_epoch_speed(plan: Plan, batch: int, size: int, source: str) -> dict[
                      channels_last=True, batch_size=batch, arch=plan.arch, lr=1e-4, lr_batch_size=batch,
                      warmup_epochs=0.0, num_workers=0, log_every=10)
         model = new_model(plan)
-        optimizer, schedule, _ = make_optimizer(cfg, model, steps * batch)
+        schedule = make_schedule(cfg, steps * batch)
         loader = BatchLoader([(images, labels)] * steps)
-        trainer = Trainer(cfg, model, loader, optimizer, schedule, [], [])
+        trainer = Trainer(cfg, model, loader, make_optimizer(cfg, model, schedule), schedule, [], [], plan.device)
         trainer._run_epoch(0)  # warm-up epoch
         trainer.step_in_epoch = 0
         synchronize(plan.device)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import distributed
+import runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -162,7 +162,7 @@ def test_an_error_with_loader_workers_exits(tmp_path, synthetic_dir, launcher):
 
 def test_multinode_two_agents_without_a_shared_file_system(tmp_path):
     """Two torchrun agents (two "nodes") with separate disks: output and data directories."""
-    port = distributed.free_port()
+    port = runtime.free_port()
     agents = []
     for node in range(2):
         node_dir = tmp_path / f"node{node}"

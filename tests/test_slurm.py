@@ -141,12 +141,11 @@ def preempt_and_finish(
     assert cluster.job_field(job_id, "ExitCode") == "0:0"
     assert f"job {job_id} (restart 1)" in log_text and f"requeueing job {job_id}" in log_text
     stop = re.search(r"stopped by SIG\w+ (?:at epoch (\d+) step (\d+)|after epoch (\d+))", log_text)
-    resume = re.search(r"resuming from snapshot \S+ at epoch (\d+)(?: step (\d+))?", log_text)
+    resume = re.search(r"resuming from snapshot \S+ (at epoch \d+ step \d+|after epoch \d+)", log_text)
     assert stop and resume, log_text
-    # Stopping names the epoch in progress, counted from 1, or the last one completed; resuming
-    # names the epochs done.
-    stopped_at = (int(stop.group(3)), 0) if stop.group(3) else (int(stop.group(1)) - 1, int(stop.group(2)))
-    assert (int(resume.group(1)), int(resume.group(2) or 0)) == stopped_at, log_text
+    # Both name the same position: the epoch in progress counted from 1 and its step, or the
+    # last epoch completed.
+    assert stop.group(0).split(" ", 3)[3] == resume.group(1), log_text
     assert_finished_run(run_dir, total_epochs, log_text)
     return job_id, log_text
 

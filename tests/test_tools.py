@@ -19,7 +19,7 @@ from config import parse_config
 from datautils import synthetic_root
 from tools import evaluate, export, search, visualize
 from tools.common import IndexMismatch, load_model, run_cli
-from trainer import SnapshotMismatch, atomic_torch_save, load_snapshot
+from snapshot import SnapshotError, atomic_torch_save, load_snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["--num_workers", "0"]
@@ -227,11 +227,11 @@ def test_missing_and_foreign_model_files_are_named(run, tmp_path):
         evaluate.main([str(missing)])
     text_file = tmp_path / "notes.pt"
     text_file.write_text("not a checkpoint")
-    with pytest.raises(SnapshotMismatch, match=f"{text_file}: cannot be read as a snapshot"):
+    with pytest.raises(SnapshotError, match=f"{text_file}: cannot be read as a snapshot"):
         evaluate.main([str(text_file)])
     state_dict = tmp_path / "weights.pth"
     torch.save({"state_dict": {"backbone.conv1.weight": torch.zeros(1)}}, state_dict)
-    with pytest.raises(SnapshotMismatch, match="not a snapshot.*--mmpretrain"):
+    with pytest.raises(SnapshotError, match="not a snapshot.*--mmpretrain"):
         search.main([str(state_dict), "--query", str(tmp_path)])
 
 

@@ -11,13 +11,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import distributed
-import trainer as trainer_module
+import runtime
+from arcface.retrieval import evaluate_retrieval
 from config import Config, load_toml
-from datautils import EpochSampler, MyTrainDataset, load_train_objs, lr_schedule, steps_per_epoch
-from arcface.evaluate import evaluate_retrieval
-from toy import ToyModel, init_gloo, toy_config, toy_eval_sets, toy_trainer
-from trainer import SnapshotMismatch, Trainer, load_snapshot
+from datautils import EpochSampler
+from job import load_train_objs, lr_schedule, steps_per_epoch
+from snapshot import SnapshotError, SnapshotMismatch, load_snapshot
+from toy import MyTrainDataset, ToyModel, init_gloo, toy_config, toy_eval_sets, toy_trainer
+from trainer import Trainer
 
 
 def read_lines(out_dir: Path) -> list[dict]:
@@ -234,11 +235,11 @@ def test_snapshot_from_another_model_is_refused(tmp_path):
     with pytest.raises(SnapshotMismatch, match="num_classes"):
         toy_trainer(toy_config(tmp_path, total_epochs=1))
     (tmp_path / "snapshot.pt").write_bytes(b"not a snapshot")
-    with pytest.raises(SnapshotMismatch, match="snapshot.pt: cannot be read as a snapshot") as refused:
+    with pytest.raises(SnapshotError, match="snapshot.pt: cannot be read as a snapshot") as refused:
         toy_trainer(toy_config(tmp_path, total_epochs=1))
     assert "weights_only" not in str(refused.value)
     torch.save({"format_version": 1, "model": {}}, tmp_path / "snapshot.pt")
-    with pytest.raises(SnapshotMismatch, match="not a complete snapshot .missing optimizer"):
+    with pytest.raises(SnapshotError, match="not a complete snapshot .missing optimizer"):
         toy_trainer(toy_config(tmp_path, total_epochs=1))
 
 
@@ -251,7 +252,7 @@ def test_resuming_with_fewer_total_epochs_is_refused_before_anything_is_rewritte
     snap = load_snapshot(tmp_path / "snapshot.pt")
     snap["epochs_run"], snap["step_in_epoch"] = 1, snap["steps_per_epoch"]
     torch.save(snap, tmp_path / "snapshot.pt")
-    with pytest.raises(SnapshotMismatch, match="step 8 is not inside an epoch of 8 steps"):
+    with pytest.raises(SnapshotError, match="step 8 is not inside an epoch of 8 steps"):
         toy_trainer(toy_config(tmp_path, total_epochs=2))
 
 
@@ -308,7 +309,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str, batch_size:
 
 
 def test_ddp_two_processes_equal_one_process_on_the_same_global_batch(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, distributed.free_port(), str(tmp_path / "ddp"), 4), nprocs=2)
+    mp.spawn(_ddp_worker, args=(2, runtime.free_port(), str(tmp_path / "ddp"), 4), nprocs=2)
     single = toy_trainer(toy_config(tmp_path / "single", batch_size=8, total_epochs=2))
     single.train()
     ddp_state = torch.load(tmp_path / "ddp" / "final.pt", weights_only=True)
@@ -331,7 +332,7 @@ def _batch_norm_worker(rank: int, port: int, out_dir: str) -> None:
 def test_ddp_evaluates_with_the_batch_norm_statistics_the_snapshot_keeps(tmp_path):
     # After its last step each rank holds BatchNorm statistics of its own batches; evaluation
     # must not mix them, or the logged metrics differ from those of the saved model.
-    mp.spawn(_batch_norm_worker, args=(distributed.free_port(), str(tmp_path)), nprocs=2)
+    mp.spawn(_batch_norm_worker, args=(runtime.free_port(), str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"buffers{rank}.pt", weights_only=True) for rank in (0, 1)]
     assert all(torch.equal(ranks[0][name], ranks[1][name]) for name in ranks[0])
     model = ToyModel(batch_norm=True)
@@ -349,7 +350,7 @@ def _unreadable_snapshot_worker(rank: int, port: int, out_dir: str) -> None:
     try:
         toy_trainer(toy_config(out_dir))
         outcome = "started"
-    except SnapshotMismatch as refused:
+    except SnapshotError as refused:
         outcome = str(refused)
     finally:
         dist.destroy_process_group()
@@ -362,10 +363,10 @@ def _unreadable_snapshot_worker(rank: int, port: int, out_dir: str) -> None:
 ])
 def test_an_unreadable_snapshot_stops_every_rank_instead_of_hanging(tmp_path, content, reason):
     if isinstance(content, bytes):
-        (tmp_path / "snapshot.pt").write_bytes(content)  # only local rank 0 reads it
+        (tmp_path / "snapshot.pt").write_bytes(content)
     else:
         torch.save(content, tmp_path / "snapshot.pt")
-    context = mp.spawn(_unreadable_snapshot_worker, args=(distributed.free_port(), str(tmp_path)), nprocs=2,
+    context = mp.spawn(_unreadable_snapshot_worker, args=(runtime.free_port(), str(tmp_path)), nprocs=2,
                        join=False)
     deadline = time.monotonic() + 120
     while not context.join(timeout=1):
@@ -385,7 +386,7 @@ def test_compile_and_channels_last_run_on_cpu(tmp_path):
 
 
 def test_sync_bn_on_cpu_falls_back_with_a_message(tmp_path, capsys):
-    mp.spawn(_sync_bn_worker, args=(distributed.free_port(), str(tmp_path)), nprocs=2)
+    mp.spawn(_sync_bn_worker, args=(runtime.free_port(), str(tmp_path)), nprocs=2)
     assert (tmp_path / "snapshot.pt").exists()
 
 

@@ -7,10 +7,33 @@ import os
 import torch
 from torch import nn
 
+from torch.utils.data import Dataset
+
 from arcface.head import ArcFaceHead
 from config import Config
-from datautils import MyTrainDataset, make_optimizer, prepare_dataloader
+from datautils import prepare_dataloader
+from job import make_optimizer, make_schedule
 from trainer import Trainer
+
+
+class MyTrainDataset(Dataset):
+    """The DDP tutorial's toy set, made learnable: Gaussian clusters, one per class, in
+    `in_features` dims. (The tutorial's version pairs random inputs with a one-column target, so
+    its model never learns.)"""
+
+    def __init__(self, size: int, in_features: int = 20, num_classes: int = 4, seed: int = 0,
+                 split: int = 0):
+        centres = 3.0 * torch.randn(num_classes, in_features, generator=torch.Generator().manual_seed(seed))
+        g = torch.Generator().manual_seed(seed * 7919 + split + 1)  # another split: other samples, same classes
+        self.labels = torch.randint(num_classes, (size,), generator=g)
+        self.data = centres[self.labels] + torch.randn(size, in_features, generator=g)
+        self.num_classes = num_classes
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.data[index], self.labels[index]
 
 
 class ToyModel(nn.Module):
@@ -45,12 +68,13 @@ def toy_trainer(cfg: Config, train_size: int = 64, batch_norm: bool = False) -> 
     model = ToyModel(batch_norm=batch_norm)
     train_set = MyTrainDataset(train_size, seed=1, split=0)
     query_set, gallery_set = toy_eval_sets()
-    optimizer, schedule, _ = make_optimizer(cfg, model, len(train_set))
+    schedule = make_schedule(cfg, len(train_set))
     loader = prepare_dataloader(train_set, cfg.batch_size, cfg.num_workers, cfg.seed)
-    return Trainer(cfg, model, loader, optimizer, schedule, query_set, gallery_set)
+    return Trainer(cfg, model, loader, make_optimizer(cfg, model, schedule), schedule, query_set, gallery_set,
+                   torch.device("cpu"))
 
 
 def init_gloo(rank: int, world_size: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)

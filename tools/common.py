@@ -2,7 +2,7 @@
 
 A model comes from one of three files, and every tool accepts all three:
 
-    runs/demo/snapshot.pt                       a training snapshot (trainer.py)
+    runs/demo/snapshot.pt                       a training snapshot (snapshot.py)
     model.torchscript.pt                        an export of tools/export.py
     --mmpretrain FILE --arch resnet50 --num_classes 3997    an mmpretrain ArcFace checkpoint
 
@@ -12,14 +12,13 @@ no ArcFace head), the preprocessing it expects, and a fingerprint of its weights
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import os
 import sys
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from arcface.inshop import PARTITION_FILE, InShop
 from arcface.model import RetrievalModel, build_model, load_mmpretrain_retriever
 from arcface.transforms import MEAN_RGB, STD_RGB, load_image, test_transform
 from config import Config
-from trainer import SnapshotMismatch, load_snapshot
+from snapshot import SnapshotError, atomic_output, load_snapshot
 
 EXPORT_METADATA_FILE = "retrieval.json"  # TorchScript extra file written by tools/export.py
 EXPORT_FORMAT = "arcface-retrieval-embedder"
@@ -130,7 +129,7 @@ def run_cli(main: Callable[[list[str] | None], int]) -> int:
     """Runs a tool's main; bad input ends with one `error: ...` line and exit status 1."""
     try:
         return main(None)
-    except (OSError, ValueError, ImportError, SnapshotMismatch, IndexMismatch) as error:
+    except (OSError, ValueError, ImportError, SnapshotError, IndexMismatch) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
 
@@ -167,8 +166,8 @@ def is_torchscript(path: Path) -> bool:
 def load_training_snapshot(path: Path, resize: int | None = None, crop: int | None = None) -> LoadedModel:
     try:
         snapshot = load_snapshot(path)
-    except SnapshotMismatch as error:
-        raise SnapshotMismatch(
+    except SnapshotError as error:
+        raise SnapshotError(
             f"{error}. Expected a training snapshot or a TorchScript export; for an mmpretrain "
             "checkpoint use --mmpretrain FILE --arch ARCH --num_classes N"
         ) from None
@@ -179,7 +178,7 @@ def load_training_snapshot(path: Path, resize: int | None = None, crop: int | No
     try:
         model.load_state_dict(snapshot["model"], strict=True)
     except RuntimeError as error:
-        raise SnapshotMismatch(f"{path}: the weights do not fit the model its config describes: {error}") from None
+        raise SnapshotError(f"{path}: the weights do not fit the model its config describes: {error}") from None
     preprocess = Preprocess(resize or cfg.resize, crop or cfg.crop)
     embedder = Embedder(model).eval()
     return LoadedModel(embedder, preprocess, fingerprint(embedder.state_dict(), preprocess),
@@ -193,7 +192,7 @@ def training_config(values: dict[str, Any], path: Path) -> Config:
     try:
         return Config(**kept)
     except ValueError as error:
-        raise SnapshotMismatch(f"{path}: its config is not valid here: {error}") from None
+        raise SnapshotError(f"{path}: its config is not valid here: {error}") from None
 
 
 def load_mmpretrain(path: str | os.PathLike, arch: str, num_classes: int, sub_centers: int = 1,
@@ -296,7 +295,7 @@ def list_images(path: str | os.PathLike, split: str = "gallery") -> ImageList:
 
 
 class ImageFiles(Dataset):
-    """(image, 0) pairs for a list of paths, in the format `arcface.evaluate` expects."""
+    """(image, 0) pairs for a list of paths, in the format `arcface.retrieval` expects."""
 
     def __init__(self, paths: list[str], transform: Callable[[Tensor], Tensor]) -> None:
         self.paths = paths
@@ -311,20 +310,6 @@ class ImageFiles(Dataset):
 
 # ------------------------------------------------------------------------------------------
 # Output files
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """A temporary path next to `path` (same suffix), moved onto `path` when the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def write_json(data: Any, path: str | os.PathLike) -> None:

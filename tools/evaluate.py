@@ -27,12 +27,11 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 import torch
 import torch.distributed as dist
 
-import distributed
-from arcface.evaluate import evaluate_retrieval
+import runtime
+from arcface.retrieval import evaluate_retrieval
 from arcface.inshop import InShop
 from tools.common import (LoadedModel, add_model_args, default_data_root, metadata_of,
                           model_from_args, run_cli, training_config, write_json)
-from trainer import autocast_dtype
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = evaluation_settings(args, model)
         data_root = Path(args.data_root) if args.data_root else default_data_root(model)
         metrics = evaluate(model, data_root, device, **settings)
-        if distributed.is_main_process():
+        if runtime.is_main_process():
             report = {**metadata_of(model), "data_root": str(data_root), **metrics}
             print(format_metrics(report))
             if args.out:
@@ -93,8 +92,8 @@ def evaluate(model: LoadedModel, data_root: Path, device: torch.device, recall_a
     metrics = evaluate_retrieval(
         module, query_set, gallery_set, batch_size=batch_size, device=device, recall_at=recall_at,
         map_at=map_at, ap_mode=ap_mode, num_workers=num_workers,
-        autocast_dtype=autocast_dtype(amp, device), channels_last=channels_last,
-        progress=distributed.is_main_process(),
+        autocast_dtype=runtime.autocast_dtype(amp, device), channels_last=channels_last,
+        progress=runtime.is_main_process(),
     )
     return {**metrics, "num_gallery": len(gallery_set)}
 
@@ -102,13 +101,13 @@ def evaluate(model: LoadedModel, data_root: Path, device: torch.device, recall_a
 @contextlib.contextmanager
 def process_group(requested_device: str) -> Iterator[torch.device]:
     """Under torchrun (WORLD_SIZE set) a process group on this process's device; else just the device."""
-    device = distributed.pick_device(requested_device, distributed.local_rank())
+    device = runtime.pick_device(requested_device, runtime.local_rank())
     if "WORLD_SIZE" not in os.environ:
         yield device
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend=distributed.backend_for(device))
+    dist.init_process_group(backend=runtime.backend_for(device))
     try:
         yield device
     finally:

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-import distributed
-from arcface.evaluate import extract_embeddings
+import runtime
+from arcface.retrieval import extract_embeddings
 from tools.common import (ImageFiles, ImageList, IndexMismatch, LoadedModel, add_model_args,
                           atomic_output, default_data_root, list_images, metadata_of, model_from_args,
                           run_cli, write_json)
@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = distributed.pick_device(args.device)
+    device = runtime.pick_device(args.device)
     model = model_from_args(args)
     model.module.to(device)
     gallery = list_images(args.gallery or default_data_root(model), args.gallery_split)

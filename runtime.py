@@ -1,6 +1,8 @@
-"""Small process-group helpers shared by the launchers and the Trainer.
+"""Where the job runs: the device, its autocast dtype, the process group, and stop signals.
 
-Global rank 0 does the once-per-job work (snapshots, logs, metrics); LOCAL_RANK only picks the device.
+Shared by the launchers (which decide the device, once), the Trainer and the tools. Global rank 0
+does the once-per-job work (snapshots, logs, metrics); LOCAL_RANK only picks the device.
+(Named so that it cannot be mistaken for `torch.distributed`.)
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import multiprocessing.util
 import os
 import signal
 import socket
+from collections.abc import Callable
 from datetime import timedelta
 
 import torch
@@ -36,6 +39,19 @@ def local_rank() -> int:
 
 def is_main_process() -> bool:
     return global_rank() == 0
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """bf16 on CUDA when supported ("auto"), as requested otherwise; None means full precision."""
+    if amp == "off":
+        return None
+    if amp == "fp16":
+        return torch.float16
+    if amp == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
 
 
 def pick_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
@@ -93,9 +109,21 @@ def _kill_loader_workers() -> None:
             child.kill()
 
 
-# Run by multiprocessing's exit function before it terminates and joins children, both at
-# interpreter exit and when an mp.spawn process ends.
-multiprocessing.util.Finalize(None, _kill_loader_workers, exitpriority=100)
+_workers_killed_at_exit = False
+
+
+def stop_signal_safe_workers() -> Callable[[int], None]:
+    """The worker_init_fn for loaders that live through a graceful stop: `ignore_stop_signals`.
+
+    Workers that ignore SIGTERM need their process to kill them at exit, so the first call
+    registers `_kill_loader_workers` with multiprocessing's exit function (which runs it before it
+    terminates and joins children, at interpreter exit and when an mp.spawn process ends).
+    """
+    global _workers_killed_at_exit
+    if not _workers_killed_at_exit:
+        multiprocessing.util.Finalize(None, _kill_loader_workers, exitpriority=100)
+        _workers_killed_at_exit = True
+    return ignore_stop_signals
 
 
 def join_forwarding_signals(context: mp.ProcessContext) -> int:

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import Dataset
 
-from arcface.evaluate import (
+from arcface.retrieval import (
     dataset_labels, embed_loader, evaluate_loaders, evaluate_retrieval, extract_embeddings, prepare_eval_loader,
 )
 from arcface.metrics import retrieval_metrics

@@ -1,0 +1,109 @@
+"""The training job: data sets, model, optimizer and the schedule of optimizer steps.
+
+`load_train_objs` is the tutorial's name for "everything the Trainer needs". The `Schedule` it
+returns is the one place where the sizes derived from the configuration and the world size live
+(steps per epoch, micro-batches per step, the learning rate of every step); the Trainer, the
+sampler position and the snapshots read them from there.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+import runtime
+from arcface.model import RetrievalModel, build_model
+from config import Config, ConfigError
+from datautils import load_datasets
+
+
+@dataclass(frozen=True, eq=False)
+class Schedule:
+    """The optimizer steps of a run: how each step's batch is split, and each step's learning rate."""
+
+    batch_size: int  # images per process and micro-batch
+    world_size: int  # processes
+    grad_accum_steps: int  # micro-batches per process and optimizer step
+    steps_per_epoch: int  # optimizer steps
+    base_lr: float  # the configured lr scaled to the global batch
+    lr: np.ndarray  # learning rate of every optimizer step of the run
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size * self.grad_accum_steps
+
+    @property
+    def total_epochs(self) -> int:
+        return len(self.lr) // self.steps_per_epoch
+
+
+@dataclass
+class TrainObjects:
+    train_set: Dataset
+    query_set: Dataset
+    gallery_set: Dataset
+    model: RetrievalModel
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+
+
+def load_train_objs(cfg: Config) -> TrainObjects:
+    """Everything the Trainer needs. Call after the process group exists: the schedule depends on
+    the world size."""
+    train_set, query_set, gallery_set = load_datasets(cfg)
+    torch.manual_seed(cfg.seed)  # the same seed gives the same initial weights, so a run can be repeated
+    model = build_model(
+        num_classes=train_set.num_classes, arch=cfg.arch, pretrained=cfg.pretrained or None,
+        pooling=cfg.pooling, embedding_dim=cfg.embedding_dim or None, scale=cfg.scale,
+        margin=cfg.margin_file or cfg.margin, sub_centers=cfg.sub_centers, easy_margin=cfg.easy_margin,
+    )
+    schedule = make_schedule(cfg, len(train_set))
+    return TrainObjects(train_set, query_set, gallery_set, model, make_optimizer(cfg, model, schedule),
+                        schedule)
+
+
+def make_schedule(cfg: Config, num_train: int, world_size: int | None = None) -> Schedule:
+    """The run's optimizer steps for `world_size` processes (default: the process group's)."""
+    world = runtime.world_size() if world_size is None else world_size
+    steps = steps_per_epoch(num_train, world, cfg.batch_size, cfg.grad_accum_steps)
+    if steps == 0:
+        raise ConfigError(
+            f"batch_size: {num_train} training images are too few for batch_size {cfg.batch_size} "
+            f"x {world} processes x grad_accum_steps {cfg.grad_accum_steps}"
+        )
+    # Linear scaling rule: lr is given for a total batch of lr_batch_size images.
+    base_lr = cfg.lr * cfg.batch_size * world * cfg.grad_accum_steps / cfg.lr_batch_size
+    lrs = lr_schedule(base_lr, cfg.total_epochs, steps, cfg.warmup_epochs, cfg.warmup_factor, cfg.min_lr)
+    return Schedule(cfg.batch_size, world, cfg.grad_accum_steps, steps, base_lr, lrs)
+
+
+def make_optimizer(cfg: Config, model: nn.Module, schedule: Schedule) -> torch.optim.Optimizer:
+    """SGD; the Trainer sets each step's learning rate from the schedule."""
+    return torch.optim.SGD(model.parameters(), lr=schedule.base_lr, momentum=cfg.momentum,
+                           weight_decay=cfg.weight_decay, nesterov=cfg.nesterov and cfg.momentum > 0)
+
+
+def steps_per_epoch(num_samples: int, world_size: int, batch_size: int, grad_accum_steps: int = 1) -> int:
+    """Optimizer steps per epoch: each process sees ceil(N / world) samples in full batches only."""
+    batches = math.ceil(num_samples / world_size) // batch_size
+    return batches // grad_accum_steps
+
+
+def lr_schedule(base_lr: float, epochs: int, steps_per_epoch: int, warmup_epochs: float,
+                warmup_factor: float, min_lr: float = 0.0) -> np.ndarray:
+    """Per-step learning rates: linear warm-up from warmup_factor * lr, then cosine to min_lr.
+
+    Precomputed as an array (as DINO does) so it can be plotted and tested, and so resuming needs
+    nothing but the step number.
+    """
+    total = epochs * steps_per_epoch
+    warmup = min(round(warmup_epochs * steps_per_epoch), total)
+    ramp = base_lr * (warmup_factor + (1.0 - warmup_factor) * np.arange(warmup) / max(warmup, 1))
+    t = np.arange(total - warmup) / max(total - warmup, 1)
+    cosine = min_lr + 0.5 * (base_lr - min_lr) * (1.0 + np.cos(np.pi * t))
+    return np.concatenate([ramp, cosine])

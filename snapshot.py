@@ -1,0 +1,188 @@
+"""Snapshots: their format, the checks a resume makes, atomic writes, and the cross-rank fetch.
+
+A snapshot is one `torch.save` file of tensors and plain data (so `weights_only=True` always loads
+it): the unwrapped model's state dict, optimizer, loss scaler, the position reached, the
+configuration, the metrics history and the RNG state. The Trainer writes it (global rank 0) and
+reads it back on resume; the tools read it without importing the Trainer.
+
+Every file the project writes goes through `atomic_output`: a temporary file next to the target,
+flushed to disk, then moved into place with `os.replace`, so a crash leaves the old file or the
+new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from config import Config
+
+SNAPSHOT_VERSION = 1
+SNAPSHOT_KEYS = ("format_version", "model", "optimizer", "scaler", "epochs_run", "step_in_epoch",
+                 "steps_per_epoch", "num_classes", "config", "history", "best", "rng")
+# Config fields that decide what a run is: a snapshot made with other values belongs to another run.
+RUN_IDENTITY = ("arch", "pooling", "embedding_dim", "sub_centers", "data_root",
+                "synthetic_items", "synthetic_views", "synthetic_size", "synthetic_seed")
+
+
+class SnapshotError(RuntimeError):
+    """A snapshot that cannot be used: unreadable, incomplete, damaged or of another format."""
+
+
+class SnapshotMismatch(SnapshotError):
+    """A readable snapshot of another run: another model, class count or data set, or a longer run."""
+
+
+def position_text(epochs_run: int, step_in_epoch: int) -> str:
+    """A position of the run as every message names it: the epoch in progress counts from 1."""
+    if step_in_epoch:
+        return f"at epoch {epochs_run + 1} step {step_in_epoch}"
+    return f"after epoch {epochs_run}"
+
+
+# ------------------------------------------------------------------------------------------
+# Atomic files
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path next to `path` (same suffix) for the block to write; on success it is
+    flushed to disk and moved onto `path`, on failure removed. Readers see the old file or the new."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as written:  # the rename must not reach the disk before the data
+            os.fsync(written.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+
+
+# ------------------------------------------------------------------------------------------
+# Reading and checking
+
+
+def load_snapshot(path: Path) -> dict[str, Any]:
+    """weights_only: a snapshot from elsewhere can hold tensors and plain data, never code."""
+    try:
+        snapshot = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: say which one
+        raise SnapshotError(f"{path}: cannot be read as a snapshot ({_first_line(e)})") from e
+    if not isinstance(snapshot, dict) or "format_version" not in snapshot:
+        raise SnapshotError(f"{path}: not a snapshot of this project (no 'format_version' key)")
+    missing = [key for key in SNAPSHOT_KEYS if key not in snapshot]
+    if missing:
+        raise SnapshotError(f"{path}: not a complete snapshot (missing {', '.join(missing)})")
+    return snapshot
+
+
+def snapshot_position(path: Path) -> tuple[int, int] | None:
+    """(epochs, step) of the snapshot at `path`, read through mmap so the weights stay on disk."""
+    if not path.exists():
+        return None
+    try:
+        snapshot = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(snapshot["epochs_run"]), int(snapshot["step_in_epoch"])
+    except Exception as e:
+        raise SnapshotError(f"{path}: cannot be read as a snapshot ({_first_line(e)})") from e
+
+
+def check_snapshot(snapshot: dict[str, Any], path: Path, cfg: Config, num_classes: int,
+                   steps_per_epoch: int) -> None:
+    """Raises SnapshotError / SnapshotMismatch when this run cannot continue `snapshot`."""
+    if snapshot.get("format_version") != SNAPSHOT_VERSION:
+        raise SnapshotError(f"{path}: snapshot format {snapshot.get('format_version')!r}, "
+                            f"expected {SNAPSHOT_VERSION}")
+    saved, current = snapshot["config"], asdict(cfg)
+    diffs = [f"{k}: snapshot {saved[k]!r} vs now {current[k]!r}"
+             for k in RUN_IDENTITY if k in saved and saved[k] != current[k]]
+    if snapshot["num_classes"] != num_classes:
+        diffs.append(f"num_classes: snapshot {snapshot['num_classes']!r} vs now {num_classes!r}")
+    if diffs:
+        raise SnapshotMismatch(f"{path} belongs to another run ({', '.join(diffs)}). Use another --out_dir "
+                               f"(or --snapshot), or delete the snapshot to start afresh.")
+    if snapshot["epochs_run"] > cfg.total_epochs:
+        raise SnapshotMismatch(
+            f"{path} has run {snapshot['epochs_run']} epochs, more than total_epochs "
+            f"{cfg.total_epochs}. Give total_epochs >= {snapshot['epochs_run']} to continue it, or "
+            f"another --out_dir (or --snapshot) for a new run."
+        )
+    if snapshot["step_in_epoch"] >= snapshot["steps_per_epoch"]:
+        raise SnapshotError(f"{path}: step {snapshot['step_in_epoch']} is not inside an epoch of "
+                            f"{snapshot['steps_per_epoch']} steps; the snapshot is damaged")
+    if snapshot["step_in_epoch"] and snapshot["steps_per_epoch"] != steps_per_epoch:
+        raise SnapshotMismatch(
+            f"{path} stopped in the middle of an epoch of {snapshot['steps_per_epoch']} steps, but "
+            f"this run has {steps_per_epoch} steps per epoch (another batch size or world size). "
+            f"Resume with the settings it was started with."
+        )
+
+
+def _first_line(error: Exception) -> str:
+    """Why torch.load failed, in one line. Its advice to retry with weights_only=False is left out:
+    a snapshot never needs code to load, so a file that does is not one."""
+    if isinstance(error, pickle.UnpicklingError):
+        return "not a torch file of tensors and plain data"
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}; truncated, or not written by torch.save"
+
+
+# ------------------------------------------------------------------------------------------
+# Across ranks
+
+
+def fetch_newest_snapshot(path: Path, device: torch.device) -> dict[str, Any] | None:
+    """The newest snapshot any process can see at `path`, on every process (a collective).
+
+    Nodes need not share a file system: each process reports the position of the snapshot on
+    its own disk, and the owner of the newest one sends it to the rest over the process group.
+    An unusable file stops every rank with its reason instead of leaving the others waiting.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return load_snapshot(path) if path.exists() else None
+    positions: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(positions, _or_reason(snapshot_position, path))
+    _raise_any_reason(positions)
+    seen = [(position, rank) for rank, position in enumerate(positions) if position is not None]
+    if not seen:
+        return None
+    _, source = max(seen, key=lambda item: (tuple(item[0]), -item[1]))
+    box = [_or_reason(load_snapshot, path) if dist.get_rank() == source else None]
+    dist.broadcast_object_list(box, src=source, device=device if device.type == "cuda" else None)
+    _raise_any_reason(box)
+    return box[0]
+
+
+def _or_reason(read: Callable[[Path], Any], path: Path) -> Any:
+    """read(path), or the message of the SnapshotError it raised: it travels through the collective
+    in place of the result."""
+    try:
+        return read(path)
+    except SnapshotError as unusable:
+        return str(unusable)
+
+
+def _raise_any_reason(results: list[Any]) -> None:
+    reasons = [r for r in results if isinstance(r, str)]
+    if reasons:
+        raise SnapshotError(reasons[0])
