@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import runtime
-from arcface.model import RetrievalModel, build_model
+from arcface.model import BackboneLoadReport, RetrievalModel, build_model, load_pretrained_backbone
 from config import Config, ConfigError
 from datautils import load_datasets
 
@@ -58,13 +58,25 @@ def load_train_objs(cfg: Config) -> TrainObjects:
     train_set, query_set, gallery_set = load_datasets(cfg)
     torch.manual_seed(cfg.seed)  # the same seed gives the same initial weights, so a run can be repeated
     model = build_model(
-        num_classes=train_set.num_classes, arch=cfg.arch, pretrained=cfg.pretrained or None,
-        pooling=cfg.pooling, embedding_dim=cfg.embedding_dim or None, scale=cfg.scale,
-        margin=cfg.margin_file or cfg.margin, sub_centers=cfg.sub_centers, easy_margin=cfg.easy_margin,
+        num_classes=train_set.num_classes, arch=cfg.arch, pooling=cfg.pooling,
+        embedding_dim=cfg.embedding_dim or None, scale=cfg.scale, margin=cfg.margin_file or cfg.margin,
+        sub_centers=cfg.sub_centers, easy_margin=cfg.easy_margin,
     )
+    if cfg.pretrained:
+        report = load_pretrained_backbone(model.backbone, cfg.arch, cfg.pretrained)
+        if runtime.is_main_process():
+            print(pretrained_summary(cfg.pretrained, report), flush=True)
     schedule = make_schedule(cfg, len(train_set))
     return TrainObjects(train_set, query_set, gallery_set, model, make_optimizer(cfg, model, schedule),
                         schedule)
+
+
+def pretrained_summary(source: str, report: BackboneLoadReport) -> str:
+    """One line saying what a pretrained backbone file gave: a silent partial load trains from
+    random weights where keys did not match."""
+    left_out = [f"{len(keys)} {what}" for what, keys in (("missing", report.missing_keys),
+                ("unexpected", report.unexpected_keys), ("ignored (classifier, head)", report.ignored_keys)) if keys]
+    return f"pretrained: backbone weights from {source}" + (f"; keys {', '.join(left_out)}" if left_out else "")
 
 
 def make_schedule(cfg: Config, num_train: int, world_size: int | None = None) -> Schedule:

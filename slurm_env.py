@@ -2,8 +2,8 @@
 
 `srun python multinode.py` starts one process per task and no torchrun, so nothing sets
 RANK / WORLD_SIZE / MASTER_ADDR. Slurm tells each task the same facts under its own names;
-`torch_env_from_slurm` translates them, and the launchers copy the result into `os.environ`
-before `init_process_group`.
+`torch_env_from_slurm` translates them; `runtime.apply_slurm_env` (called by multinode.py's
+`ddp_setup`) copies the result into `os.environ` before `init_process_group`.
 
 Rank 0 is assumed to run on the first node of the step, which holds for Slurm's default block
 distribution (tasks fill node 1 first). With `--distribution=arbitrary`, set MASTER_ADDR yourself.

@@ -109,28 +109,6 @@ class ArcFaceHead(nn.Module):
         subcenter_cos = self._subcenter_cosine(features)  # (N, C, k)
         return subcenter_cos.amax(dim=2)  # (N, C)
 
-    @torch.no_grad()
-    def far_from_dominant(
-        self, features: torch.Tensor, labels: torch.Tensor, threshold_deg: float = 75.0
-    ) -> torch.Tensor:
-        """(N,) bool: True where a sample's angle to its class's dominant sub-center > threshold.
-
-        The dominant sub-center of a class is the one most of that class's samples *in this
-        call* are nearest to, so pass all samples of a class at once (sub-center ArcFace counts
-        over the whole training set). Samples this flags are the likely label noise that the
-        sub-center paper drops before retraining with one center per class.
-        """
-        rows = torch.arange(len(labels), device=features.device)
-        own = self._subcenter_cosine(features)[rows, labels]  # (N, k)
-        nearest = own.argmax(dim=1)  # (N,)
-        votes = torch.zeros(
-            self.num_classes, self.sub_centers, dtype=torch.long, device=own.device
-        )  # (C, k)
-        votes.index_put_((labels, nearest), torch.ones_like(nearest), accumulate=True)
-        dominant = votes.argmax(dim=1)  # (C,); ties go to the lowest sub-center index
-        dominant_cos = own.gather(1, dominant[labels][:, None]).squeeze(1)  # (N,)
-        return dominant_cos < math.cos(math.radians(threshold_deg))
-
     def _subcenter_cosine(self, features: torch.Tensor) -> torch.Tensor:
         """(N, in_features) -> (N, C, k) cosines to every sub-center, in float32."""
         if features.ndim != 2 or features.shape[1] != self.in_features:

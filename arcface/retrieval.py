@@ -45,7 +45,7 @@ def prepare_eval_loader(
 
     Build it after the process group, once per data set when evaluating repeatedly: with
     `persistent_workers` its worker processes start once instead of at every evaluation (under
-    mp.spawn workers are spawned too, at ~2.5 s each on a CPU).
+    mp.spawn workers are spawned too, and a spawned worker takes seconds to start).
     """
     if batch_size < 1:
         raise ValueError(f"prepare_eval_loader: batch_size must be >= 1, got {batch_size}")

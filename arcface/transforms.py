@@ -35,7 +35,8 @@ class NormalizeUint8:
     One float conversion, one layout change and two in-place passes. The decoder returns
     channels-last memory (H, W, 3 viewed as 3, H, W), which keeps the uint8 resize fast but makes
     per-channel arithmetic slow; converting to float first, then to contiguous (3, H, W), then
-    normalising in place is ~5x cheaper than ToDtype(scale=True) + Normalize on that layout.
+    normalising in place is several times cheaper than ToDtype(scale=True) + Normalize on that
+    layout (bench/bench_data_pipeline.py measures the pipelines).
     """
 
     def __init__(self, mean: tuple[float, ...] = MEAN_RGB, std: tuple[float, ...] = STD_RGB) -> None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torchvision
 
 import runtime
 from arcface.retrieval import evaluate_retrieval
@@ -59,6 +60,16 @@ def test_load_train_objs_is_seeded_and_scales_lr(tmp_path):
     assert not torch.equal(first.model.head.weight, other.model.head.weight)
     assert first.optimizer.param_groups[0]["lr"] == pytest.approx(0.32 * cfg.batch_size / 64)
     assert (len(first.train_set), len(first.query_set) + len(first.gallery_set)) == (12 * 4, 12 * 4)
+
+
+def test_load_train_objs_loads_pretrained_weights_and_says_what_it_left_out(tmp_path, capsys):
+    values = load_toml("configs/smoke.toml") | dict(synthetic_dir=str(tmp_path))
+    torch.manual_seed(5)
+    state = getattr(torchvision.models, values["arch"])(weights=None).state_dict()  # with fc.weight, fc.bias
+    torch.save(state, tmp_path / "backbone.pth")
+    objs = load_train_objs(Config(**values, pretrained=str(tmp_path / "backbone.pth")))
+    assert torch.equal(objs.model.backbone.conv1.weight, state["conv1.weight"])
+    assert f"pretrained: backbone weights from {tmp_path / 'backbone.pth'}; keys 2 ignored" in capsys.readouterr().out
 
 
 def test_steps_per_epoch_matches_loader_length():
