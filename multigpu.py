@@ -32,6 +32,7 @@ def ddp_setup(rank: int, world_size: int, port: int, cfg: Config) -> torch.devic
     return device
 
 
+@runtime.one_line_errors
 def main(rank: int, world_size: int, port: int, cfg: Config) -> None:
     device = ddp_setup(rank, world_size, port, cfg)
     try:

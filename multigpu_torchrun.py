@@ -28,6 +28,7 @@ def ddp_setup(cfg: Config) -> torch.device:
     return device
 
 
+@runtime.one_line_errors
 def main(cfg: Config) -> int:
     device = ddp_setup(cfg)
     try:

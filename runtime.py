@@ -7,17 +7,63 @@ does the once-per-job work (snapshots, logs, metrics); LOCAL_RANK only picks the
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import multiprocessing.util
 import os
 import signal
 import socket
+import sys
 from collections.abc import Callable
 from datetime import timedelta
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+
+class UserError(Exception):
+    """Bad input, or a run the user must act on: reported in one line, never with a traceback.
+
+    Configuration errors (exit status 2), unusable snapshots, a run directory in use, data
+    errors and divergence derive from it; a traceback is left for bugs.
+    """
+
+    exit_status = 1
+
+
+_Main = TypeVar("_Main", bound=Callable[..., Any])
+
+
+def one_line_errors(main: _Main) -> _Main:
+    """Wraps a launcher's main: a UserError, a file-system error or a failed collective ends the
+    process with `error: <one line>` (naming the rank when there are several) and exit status 1
+    (2 for configuration errors), instead of a traceback."""
+    @functools.wraps(main)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return main(*args, **kwargs)
+        except (UserError, OSError, dist.DistError) as error:
+            rank = f"[rank {global_rank()}] " if world_size() > 1 else ""
+            print(f"error: {rank}{user_message(error)}", file=sys.stderr, flush=True)
+            sys.exit(getattr(error, "exit_status", 1))
+    return run  # type: ignore[return-value]
+
+
+def user_message(error: BaseException) -> str:
+    """The error's own line. An error raised in a DataLoader worker arrives with the worker's
+    traceback folded into its message; its last line is the original message."""
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    if isinstance(error, dist.DistError):
+        first = text.splitlines()[0] if text else type(error).__name__
+        return (f"a collective operation failed ({first}): another process of the job stopped, "
+                f"died or is stuck; collective_timeout_s bounds the wait")
+    lines = text.splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def is_distributed() -> bool:

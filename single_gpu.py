@@ -15,6 +15,7 @@ from job import load_train_objs
 from trainer import Trainer
 
 
+@runtime.one_line_errors
 def main(cfg: Config) -> int:
     device = runtime.pick_device(cfg.device)
     objs = load_train_objs(cfg)

@@ -13,8 +13,10 @@ new one, never half of one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import pickle
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -24,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from config import Config
+from runtime import UserError
 
 SNAPSHOT_VERSION = 1
 SNAPSHOT_KEYS = ("format_version", "model", "optimizer", "scaler", "epochs_run", "step_in_epoch",
@@ -31,9 +34,17 @@ SNAPSHOT_KEYS = ("format_version", "model", "optimizer", "scaler", "epochs_run",
 # Config fields that decide what a run is: a snapshot made with other values belongs to another run.
 RUN_IDENTITY = ("arch", "pooling", "embedding_dim", "sub_centers", "data_root",
                 "synthetic_items", "synthetic_views", "synthetic_size", "synthetic_seed")
+# What a resumed run may change: how long it runs, how often it saves, evaluates and logs, where
+# its files are, and how fast it computes. Every other field shapes the training itself, so a
+# change would make config.toml describe a run that never happened.
+RESUMABLE = ("total_epochs", "save_every", "eval_every", "log_every", "out_dir", "snapshot",
+             "synthetic_dir", "num_workers", "eval_batch_size", "device", "amp", "channels_last",
+             "compile", "recall_at", "map_at", "ap_mode", "max_image_pixels", "collective_timeout_s")
+# Fields holding paths: compared by the file they name, not by how it is spelled.
+PATH_FIELDS = ("data_root", "margin_file", "pretrained", "out_dir", "snapshot", "synthetic_dir")
 
 
-class SnapshotError(RuntimeError):
+class SnapshotError(UserError, RuntimeError):
     """A snapshot that cannot be used: unreadable, incomplete, damaged or of another format."""
 
 
@@ -78,6 +89,33 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         torch.save(obj, f)
 
 
+def save_snapshot(snapshot: dict[str, Any], path: Path) -> None:
+    """atomic_torch_save, with a failed write (a full disk, most often) said in one line."""
+    try:
+        atomic_torch_save(snapshot, path)
+    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
+        full = getattr(error, "errno", None) == errno.ENOSPC or "unexpected pos" in str(error) or _nearly_full(path)
+        reason = "the disk holding it is full" if full else _first_line_of(error)
+        previous = "the previous snapshot there is intact" if path.exists() else "there was no earlier snapshot"
+        raise SnapshotWriteError(f"{path}: the snapshot could not be written ({reason}); {previous}") from error
+
+
+class SnapshotWriteError(UserError, OSError):
+    """A snapshot that could not be written; the previous one is untouched."""
+
+
+def _nearly_full(path: Path) -> bool:
+    try:
+        return shutil.disk_usage(path.parent).free < 16 * 2**20
+    except OSError:
+        return False
+
+
+def _first_line_of(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
 # ------------------------------------------------------------------------------------------
 # Reading and checking
 
@@ -108,19 +146,26 @@ def snapshot_position(path: Path) -> tuple[int, int] | None:
 
 
 def check_snapshot(snapshot: dict[str, Any], path: Path, cfg: Config, num_classes: int,
-                   steps_per_epoch: int) -> None:
-    """Raises SnapshotError / SnapshotMismatch when this run cannot continue `snapshot`."""
+                   steps_per_epoch: int) -> dict[str, tuple[Any, Any]]:
+    """Raises SnapshotError / SnapshotMismatch when this run cannot continue `snapshot`; returns
+    the settings it changes, {field: (snapshot's value, this run's)}, all of them RESUMABLE."""
     if snapshot.get("format_version") != SNAPSHOT_VERSION:
         raise SnapshotError(f"{path}: snapshot format {snapshot.get('format_version')!r}, "
                             f"expected {SNAPSHOT_VERSION}")
-    saved, current = snapshot["config"], asdict(cfg)
-    diffs = [f"{k}: snapshot {saved[k]!r} vs now {current[k]!r}"
-             for k in RUN_IDENTITY if k in saved and saved[k] != current[k]]
+    changed = config_changes(snapshot["config"], cfg)
+    diffs = [f"{k}: snapshot {old!r} vs now {new!r}" for k, (old, new) in changed.items() if k in RUN_IDENTITY]
     if snapshot["num_classes"] != num_classes:
         diffs.append(f"num_classes: snapshot {snapshot['num_classes']!r} vs now {num_classes!r}")
     if diffs:
-        raise SnapshotMismatch(f"{path} belongs to another run ({', '.join(diffs)}). Use another --out_dir "
-                               f"(or --snapshot), or delete the snapshot to start afresh.")
+        raise SnapshotMismatch(f"{path} belongs to another run ({', '.join(diffs)}). Start this run in "
+                               f"another --out_dir (or --snapshot); the snapshot stays usable by its own run.")
+    fixed = [f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items() if k not in RESUMABLE]
+    if fixed:
+        raise SnapshotMismatch(
+            f"{path}: {', '.join(fixed)} cannot change when a run resumes (only {', '.join(RESUMABLE[:4])}, "
+            f"paths, workers and speed settings can). Resume with the run's settings "
+            f"(--config {Path(cfg.out_dir) / 'config.toml'}), or start a new run in another --out_dir."
+        )
     if snapshot["epochs_run"] > cfg.total_epochs:
         raise SnapshotMismatch(
             f"{path} has run {snapshot['epochs_run']} epochs, more than total_epochs "
@@ -136,6 +181,34 @@ def check_snapshot(snapshot: dict[str, Any], path: Path, cfg: Config, num_classe
             f"this run has {steps_per_epoch} steps per epoch (another batch size or world size). "
             f"Resume with the settings it was started with."
         )
+    return changed
+
+
+def config_changes(saved: dict[str, Any], cfg: Config) -> dict[str, tuple[Any, Any]]:
+    """{field: (saved value, cfg's value)} for every field that differs in meaning. Fields the
+    snapshot does not know (added since) are not changes."""
+    current = asdict(cfg)
+    changed = {}
+    for key, value in saved.items():
+        if key not in current:
+            continue
+        old, new = value, list(current[key]) if isinstance(current[key], tuple) else current[key]
+        if key in PATH_FIELDS:
+            same = _same_path(old, new)
+        else:
+            same = old == new
+        if not same:
+            changed[key] = (old, new)
+    return changed
+
+
+def _same_path(a: Any, b: Any) -> bool:
+    """"data/x", "./data/x/" and its absolute path are the same folder ("" and "imagenet" are not paths)."""
+    if a == b:
+        return True
+    if not (isinstance(a, str) and isinstance(b, str)) or "" in (a, b) or "imagenet" in (a, b):
+        return False
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def _first_line(error: Exception) -> str:

@@ -8,14 +8,12 @@ epochs and a snapshot every `save_every` epochs. The same code runs without a pr
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,8 +28,13 @@ import runtime
 from arcface.retrieval import evaluate_loaders, prepare_eval_loader
 from config import Config, dump_toml
 from job import Schedule
-from snapshot import (SNAPSHOT_VERSION, atomic_torch_save, atomic_write_text, check_snapshot,
-                      fetch_newest_snapshot, position_text)
+from rundir import RunDir, RunDirBusy
+from runtime import UserError
+from snapshot import SNAPSHOT_VERSION, check_snapshot, fetch_newest_snapshot, position_text, save_snapshot
+
+
+class Diverged(UserError, FloatingPointError):
+    """The loss, the weights or the BatchNorm statistics became NaN or infinite."""
 
 
 class Trainer:
@@ -64,16 +67,22 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
 
         self.snapshot_path = cfg.snapshot_path
-        self.metrics_path = Path(cfg.out_dir) / "metrics.jsonl"
+        self.run_dir = RunDir(cfg.out_dir)
         self.epochs_run = 0  # completed epochs
         self.step_in_epoch = 0  # optimizer steps done in epoch `epochs_run` (a mid-epoch stop)
+        self.saved_at: tuple[int, int] | None = None  # position of the newest snapshot on disk
         self.history: list[dict[str, Any]] = []  # every metrics.jsonl line, kept in the snapshot
         self.best: dict[str, Any] = {}
         self.stop_signal: int | None = None
 
-        self._load_snapshot()
-        if self.is_main:
-            self._start_run_dir()
+        self._claim_run_dir()
+        try:
+            changes = self._load_snapshot()
+            if self.is_main:
+                self._start_run_dir(changes)
+        except BaseException:
+            self.run_dir.release()
+            raise
 
     def _check_schedule(self, train_data: DataLoader) -> None:
         """The loader and the process group must be the ones the schedule was computed for."""
@@ -158,6 +167,7 @@ class Trainer:
             return 0
         finally:
             self._restore_signals(previous_handlers)
+            self.run_dir.release()
 
     def _run_epoch(self, epoch: int) -> tuple[dict[str, float], bool]:
         """Trains to the end of the epoch, or to the step at which every rank agreed to stop."""
@@ -226,19 +236,43 @@ class Trainer:
         flags = torch.stack([
             torch.nan_to_num(loss.float(), nan=0.0, posinf=0.0, neginf=0.0),
             (~torch.isfinite(loss)).float(),
+            # BatchNorm statistics do not enter the training loss: they can diverge while it stays
+            # finite, and only evaluation would notice. Their norms are a cheap check per step.
+            (~torch.isfinite(self._buffer_norms())).float(),
             torch.tensor(float(self.stop_signal is not None), device=self.device),
         ])
         if self.world_size > 1:
             dist.all_reduce(flags)
-        loss_sum, bad, stop = flags.tolist()
-        if bad:
-            raise FloatingPointError(
-                f"non-finite loss {position_text(self.epochs_run, self.step_in_epoch)}: training stopped; "
-                f"the last good snapshot ({self.snapshot_path}) is kept. Lower the lr or enable clip_grad_norm."
-            )
+        loss_sum, bad_loss, bad_buffers, stop = flags.tolist()
+        if bad_loss or bad_buffers:
+            self._diverged("loss" if bad_loss else f"BatchNorm statistics ({self._first_non_finite() or 'on another rank'})")
         if stop and self.stop_signal is None:
             self.stop_signal = signal.SIGTERM  # another rank was signalled: stop with it
         return loss_sum / self.world_size, bool(stop)
+
+    def _buffer_norms(self) -> torch.Tensor:
+        norms = [torch.linalg.vector_norm(b.float()) for b in self.raw_model.buffers() if b.is_floating_point()]
+        return torch.stack(norms).sum() if norms else torch.zeros((), device=self.device)
+
+    def _first_non_finite(self) -> str | None:
+        """The name of the first parameter or buffer holding a NaN or an infinity."""
+        tensors = [*self.raw_model.named_parameters(), *self.raw_model.named_buffers()]
+        return next((name for name, t in tensors if t.is_floating_point() and not torch.isfinite(t).all()), None)
+
+    def _check_weights_finite(self) -> None:
+        """Every rank agrees that the weights are finite before they are saved (a collective)."""
+        name = self._first_non_finite()
+        bad = torch.tensor(float(name is not None), device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(bad)
+        if bad.item():
+            self._diverged(f"weights ({name or 'on another rank'})")
+
+    def _diverged(self, what: str) -> None:
+        kept = (f"the last good snapshot ({position_text(*self.saved_at)}) is kept at {self.snapshot_path}"
+                if self.saved_at else "no snapshot had been saved yet")
+        raise Diverged(f"non-finite {what} {position_text(self.epochs_run, self.step_in_epoch)}: training "
+                       f"stopped and nothing was saved; {kept}. Lower the lr or enable clip_grad_norm.")
 
     # ------------------------------------------------------------------------------------
     # Evaluation and logging
@@ -278,8 +312,7 @@ class Trainer:
         self.history.append(record)
         if not self.is_main:
             return
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")  # one write per line: no partial line on a crash
+        self.run_dir.append_metrics(record)
         print(format_record(record, self.cfg.total_epochs), flush=True)
 
     def _wait_for_all(self) -> None:
@@ -292,18 +325,39 @@ class Trainer:
         if self.is_main:
             print(text, flush=True)
 
-    def _start_run_dir(self) -> None:
-        """config.toml of this run, and metrics.jsonl made to agree with the snapshot it resumes."""
-        out = Path(self.cfg.out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.toml", dump_toml(self.cfg))
-        # Lines logged after the snapshot was taken belong to work that is about to be redone.
-        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.history))
+    def _claim_run_dir(self) -> None:
+        """Rank 0 takes the run directory; when it cannot, every rank stops with its reason."""
+        reason = None
+        if self.is_main:
+            try:
+                self.run_dir.acquire()
+            except RunDirBusy as busy:
+                reason = str(busy)
+        if self.world_size > 1:
+            box = [reason]
+            dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
+            reason = box[0]
+        if reason:
+            raise RunDirBusy(reason)
+
+    def _start_run_dir(self, changes: dict[str, tuple[Any, Any]]) -> None:
+        """config.toml of this run, metrics.jsonl made to agree with the snapshot it resumes, a
+        resumes.jsonl line for settings the resume changed, and no temporaries of killed writes."""
+        stale = self.run_dir.remove_stale_temporaries(
+            self.snapshot_path, self.run_dir.path / "config.toml", self.run_dir.metrics_path)
+        if stale:
+            self._say(f"removed {len(stale)} temporary file(s) of interrupted writes: {', '.join(p.name for p in stale)}")
+        if changes:
+            self.run_dir.record_resume({"epochs_run": self.epochs_run, "step_in_epoch": self.step_in_epoch,
+                                        "changed": {k: list(v) for k, v in changes.items()}})
+            self._say("resumed with " + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items()))
+        self.run_dir.start(dump_toml(self.cfg), self.history)
 
     # ------------------------------------------------------------------------------------
     # Snapshots
 
     def _save_snapshot(self) -> None:
+        self._check_weights_finite()
         if not self.is_main:
             return
         snapshot = {
@@ -321,15 +375,17 @@ class Trainer:
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         }
-        atomic_torch_save(snapshot, self.snapshot_path)
+        save_snapshot(snapshot, self.snapshot_path)
+        self.saved_at = (self.epochs_run, self.step_in_epoch)
         print(f"snapshot saved {position_text(self.epochs_run, self.step_in_epoch)} to {self.snapshot_path}",
               flush=True)
 
-    def _load_snapshot(self) -> None:
+    def _load_snapshot(self) -> dict[str, tuple[Any, Any]]:
+        """Resumes from the newest snapshot, if any; returns the settings this run changes."""
         snapshot = fetch_newest_snapshot(self.snapshot_path, self.device)
         if snapshot is None:
-            return
-        check_snapshot(snapshot, self.snapshot_path, self.cfg, self._num_classes(), self.steps_per_epoch)
+            return {}
+        changes = check_snapshot(snapshot, self.snapshot_path, self.cfg, self._num_classes(), self.steps_per_epoch)
         # Tensors arrive on the CPU and are copied into the model's device by load_state_dict,
         # which avoids holding a second copy of the weights on the accelerator.
         self.raw_model.load_state_dict(snapshot["model"], strict=True)
@@ -342,7 +398,9 @@ class Trainer:
         torch.set_rng_state(snapshot["rng"]["torch"])
         if snapshot["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(snapshot["rng"]["cuda"])
+        self.saved_at = (self.epochs_run, self.step_in_epoch)
         self._say(f"resuming from snapshot {self.snapshot_path} {position_text(self.epochs_run, self.step_in_epoch)}")
+        return changes
 
     def _num_classes(self) -> int:
         return self.raw_model.head.weight.shape[0] // self.raw_model.head.sub_centers

@@ -1,0 +1,96 @@
+"""The run directory (`out_dir`): one owner at a time, its config.toml and metrics.jsonl.
+
+Global rank 0 owns it for the whole run through an exclusive `flock` on `<out_dir>/.lock`. The
+kernel drops that lock when the process ends, however it ends, so a run killed by SIGKILL or a
+lost node never blocks the next one, while a second run started on a directory in use is refused
+at once instead of interleaving its lines with the first one's.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from runtime import UserError
+from snapshot import atomic_write_text
+
+LOCK_FILE = ".lock"
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.toml"
+RESUMES_FILE = "resumes.jsonl"
+
+
+class RunDirBusy(UserError, RuntimeError):
+    """Another live process owns the run directory."""
+
+
+class RunDir:
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.metrics_path = self.path / METRICS_FILE
+        self._lock: TextIO | None = None
+
+    # ------------------------------------------------------------------------------------
+    # Ownership
+
+    def acquire(self) -> None:
+        """Takes the directory or raises RunDirBusy naming the process that holds it."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock = open(self.path / LOCK_FILE, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            owner = lock.read().strip() or "a process that has not written its name yet"
+            lock.close()
+            raise RunDirBusy(f"{self.path} is the run directory of a run still in progress ({owner}). "
+                             f"Wait for it to end, stop it, or choose another --out_dir") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}, since "
+                   f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        lock.flush()
+        self._lock = lock
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # closing the descriptor drops the flock
+            self._lock = None
+
+    # ------------------------------------------------------------------------------------
+    # Files
+
+    def remove_stale_temporaries(self, *targets: Path) -> list[Path]:
+        """Temporary files of `targets` left by writes that were killed before their rename.
+
+        Only the owner calls this, so no write of its own run is in flight.
+        """
+        removed = []
+        for target in targets:
+            patterns = (f".{target.stem}.*.tmp{target.suffix}",  # atomic_output's names
+                        f".{target.name}.*.tmp")  # older versions' names
+            for pattern in patterns:
+                for stale in target.parent.glob(pattern):
+                    stale.unlink(missing_ok=True)
+                    removed.append(stale)
+        return removed
+
+    def start(self, config_text: str, history: list[dict[str, Any]]) -> None:
+        """config.toml of this run, and metrics.jsonl made to agree with the snapshot it resumes."""
+        atomic_write_text(self.path / CONFIG_FILE, config_text)
+        # Lines logged after the snapshot was taken belong to work that is about to be redone.
+        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")  # one write per line: no partial line on a crash
+
+    def record_resume(self, record: dict[str, Any]) -> None:
+        """resumes.jsonl: which settings a resume changed, so config.toml's history is not lost."""
+        with open(self.path / RESUMES_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
