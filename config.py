@@ -12,11 +12,12 @@ from __future__ import annotations
 import argparse
 import difflib
 import math
+import sys
 import tomllib
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 
 class ConfigError(ValueError):
@@ -145,9 +146,47 @@ def _field_types() -> dict[str, type]:
     return {f.name: hints[f.name] for f in fields(Config)}
 
 
-def _closest(key: str) -> str:
-    match = difflib.get_close_matches(key, [f.name for f in fields(Config)], n=1, cutoff=0.5)
-    return f" (did you mean {match[0]!r}?)" if match else ""
+def _did_you_mean(key: str, names: Iterable[str], prefix: str = "") -> str:
+    """' (did you mean ...?)' naming the one close name, or '' when none is close enough."""
+    match = closest_name(key, names)
+    return f" (did you mean {prefix + match!r}?)" if match else ""
+
+
+def closest_name(key: str, names: Iterable[str]) -> str | None:
+    """The one name `key` was most likely meant to be, or None when no name is really close.
+
+    A suggestion that points at an unrelated setting misleads more than none, so only these count,
+    tried in order and each only when it picks a single name: the same letters apart from `_`
+    (batchsize); an abbreviation of at least 3 letters (pool); a name followed by more words
+    (lr_rate, amp_mode: the longest such name); the initials of one side's words (learning_rate ->
+    lr, bs -> batch_size); a spelling at most about one letter in five away (embeding_dim).
+    """
+    key = _normalized(key)
+    names = sorted({_normalized(name) for name in names})
+    rules = (
+        lambda name: key.replace("_", "") == name.replace("_", ""),
+        lambda name: len(key) >= 3 and name.startswith(key),
+        lambda name: key.startswith(name + "_"),
+        lambda name: _initials(key) == name or _initials(name) == key,
+    )
+    for rule in rules:
+        matches = [name for name in names if rule(name)]
+        if rule is rules[2] and matches:
+            return max(matches, key=len)
+        if len(matches) == 1:
+            return matches[0]
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.8)
+    return close[0] if close else None
+
+
+def _normalized(name: str) -> str:
+    return name.lstrip("-").lower().replace("-", "_")
+
+
+def _initials(name: str) -> str | None:
+    """'learning_rate' -> 'lr'; None for a single word, whose initial would match far too much."""
+    words = [word for word in name.split("_") if word]
+    return "".join(word[0] for word in words) if len(words) >= 2 else None
 
 
 def _coerce(key: str, value: Any, where: str) -> Any:
@@ -192,7 +231,7 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     values = {}
     for key, value in raw.items():
         if key not in known:
-            raise ConfigError(f"{path}: unknown key {key!r}{_closest(key)}")
+            raise ConfigError(f"{path}: unknown key {key!r}{_did_you_mean(key, known)}")
         values[key] = _coerce(key, value, f"{path}: ")
     return values
 
@@ -216,16 +255,49 @@ def _toml_value(value: Any) -> str:
 
 
 class _Parser(argparse.ArgumentParser):
-    """Reports an unknown flag with the closest valid one, and exits with status 2."""
+    """Reports an unknown flag by name, with a valid one only when it is close, and exits with 2."""
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace=None):  # type: ignore[override]
+        args = sys.argv[1:] if args is None else list(args)
+        # Checked before argparse parses: it would hand the value after an unknown flag to the
+        # optional positional `total_epochs` and report "invalid int value" instead of the flag.
+        unknown = next((flag for flag in map(_flag_of, args[:_end_of_options(args)])
+                        if flag is not None and flag not in self._option_names()), None)
+        if unknown is not None:
+            self._unrecognized(unknown)
+        return super().parse_known_args(args, namespace)
 
     def parse_args(self, args: Sequence[str] | None = None, namespace=None):  # type: ignore[override]
         parsed, unknown = self.parse_known_args(args, namespace)
-        flags = [a for a in unknown if a.startswith("-")]
         if unknown:
-            bad = flags[0] if flags else unknown[0]
-            key = bad.lstrip("-").split("=", 1)[0].replace("-", "_")
-            self.error(f"unrecognized argument {bad!r}{_closest(key) if flags else ''}")
+            self._unrecognized(unknown[0])
         return parsed
+
+    def _option_names(self) -> set[str]:
+        return {name for action in self._actions for name in action.option_strings}
+
+    def _unrecognized(self, arg: str) -> None:
+        hint = ""
+        if arg.startswith("-"):
+            long_names = (name for name in self._option_names() if name.startswith("--"))
+            hint = _did_you_mean(arg, long_names, prefix="--")
+        self.error(f"unrecognized argument {arg!r}{hint}")
+
+
+def _end_of_options(args: list[str]) -> int:
+    """Index of `--` (after which every argument is a positional), or len(args)."""
+    return args.index("--") if "--" in args else len(args)
+
+
+def _flag_of(arg: str) -> str | None:
+    """'--lr=0.1' -> '--lr', '--lr' -> '--lr'; None for values, negative numbers included."""
+    if not arg.startswith("-") or arg == "-":
+        return None
+    try:
+        float(arg)
+        return None
+    except ValueError:
+        return arg.split("=", 1)[0]
 
 
 def arg_parser(description: str | None = None) -> argparse.ArgumentParser:

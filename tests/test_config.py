@@ -60,6 +60,7 @@ def test_dump_and_load_round_trip(tmp_path):
 
 @pytest.mark.parametrize("text, words", [
     ("batchsize = 3\n", ["batchsize", "batch_size", "c.toml"]),
+    ("learning_rate = 0.1\n", ["learning_rate", "(did you mean 'lr'?)"]),
     ("batch_size = 'big'\n", ["batch_size", "integer"]),
     ("lr = -1\n", ["lr", "> 0"]),
     ("amp = 'fp8'\n", ["amp", "bf16"]),
@@ -90,6 +91,7 @@ def test_every_field_has_a_flag():
 
 @pytest.mark.parametrize("argv, words", [
     (["--batchsize", "3"], ["--batchsize", "batch_size"]),
+    (["--model", "resnet50"], ["unrecognized argument '--model'"]),
     (["--lr", "0"], ["lr", "> 0"]),
     (["--amp", "fp8"], ["amp"]),
 ])
@@ -135,3 +137,35 @@ def test_existing_paths_pass(tmp_path):
     cfg = Config(data_root=str(tmp_path), margin_file=str(tmp_path / "margins.txt"), pretrained="imagenet",
                  out_dir=str(tmp_path / "new" / "run"), recall_at=(5, 1))
     config.check_paths(cfg)
+
+
+@pytest.mark.parametrize("argv, flag, hint", [
+    (["--model", "resnet50"], "--model", None),
+    (["--resume", "x"], "--resume", None),
+    (["--lr-rate", "0.1"], "--lr-rate", "--lr"),
+    (["--lr_rate=0.1"], "--lr_rate", "--lr"),
+    (["--learning_rate=0.1"], "--learning_rate", "--lr"),
+    (["--batchsize", "8"], "--batchsize", "--batch_size"),
+    (["5", "--embeding-dim", "4"], "--embeding-dim", "--embedding_dim"),
+    (["--margin", "-0.5", "--epochs", "3"], "--epochs", None),
+])
+def test_unknown_flag_is_named_before_its_value_is_parsed(capsys, argv, flag, hint):
+    with pytest.raises(SystemExit) as info:
+        config.arg_parser().parse_args(argv)
+    assert info.value.code == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line.endswith(f"unrecognized argument {flag!r}" + (f" (did you mean {hint!r}?)" if hint else ""))
+
+
+@pytest.mark.parametrize("key, expected", [
+    ("batchsize", "batch_size"),  # the same letters
+    ("pool", "pooling"),  # an abbreviation
+    ("lr_rate", "lr"), ("amp_mode", "amp"), ("lr_batch", "lr_batch_size"),  # a name and more words
+    ("learning_rate", "lr"), ("wd", "weight_decay"),  # initials
+    ("embeding_dim", "embedding_dim"), ("Num-Worker", "num_workers"),  # a letter or two off
+    ("model", None), ("resume", None), ("epochs", None),  # nothing is close
+    ("eval", None), ("synth", None),  # several names are as close
+])
+def test_closest_name_suggests_only_a_really_close_field(key, expected):
+    assert config.closest_name(key, [f.name for f in fields(Config)]) == expected
+
