@@ -109,8 +109,21 @@ _NON_NEGATIVE = {
     "warmup_factor", "min_lr", "clip_grad_norm", "seed", "synthetic_seed",
 }
 
+# Folders the run writes to or generates into: "" would put config.toml, metrics.jsonl and the
+# snapshot (or the synthetic set) straight into the working directory.
+_FOLDERS = ("out_dir", "synthetic_dir")
+# Paths where "" means none; one of only spaces is a slip, not a file name.
+_OPTIONAL_PATHS = ("snapshot", "data_root", "pretrained", "margin_file")
+
 
 def _validate(cfg: Config) -> None:
+    for key in _FOLDERS:
+        if not getattr(cfg, key).strip():
+            raise ConfigError(f"{key}: expected a folder path, got {getattr(cfg, key)!r}")
+    for key in _OPTIONAL_PATHS:
+        value = getattr(cfg, key)
+        if value and not value.strip():
+            raise ConfigError(f'{key}: expected a path or "" (none), got {value!r}')
     for f in fields(cfg):
         value = getattr(cfg, f.name)
         if isinstance(value, float) and not math.isfinite(value):

@@ -67,6 +67,8 @@ def test_dump_and_load_round_trip(tmp_path):
     ("crop = 600\n", ["crop", "resize"]),
     ("recall_at = []\n", ["recall_at"]),
     ("arch = 'vgg'\n", ["arch", "resnet50"]),
+    ("out_dir = ''\n", ["out_dir", "folder path"]),
+    ("synthetic_dir = ' '\n", ["synthetic_dir", "folder path"]),
     ("lr = [\n", ["c.toml", "TOML"]),
 ])
 def test_bad_file_names_the_key(tmp_path, text, words):
@@ -120,6 +122,11 @@ def test_one_gpu_recipe_differs_from_the_reference_only_in_batch_and_precision()
     (["--pretrained", "{tmp}/r50.pth"], ["pretrained", "r50.pth"]),
     (["--out_dir", "{tmp}/a_file/run"], ["out_dir", "a_file"]),
     (["--snapshot", "{tmp}/a_file/snapshot.pt"], ["snapshot", "a_file"]),
+    (["--out_dir", ""], ["out_dir: expected a folder path, got ''"]),
+    (["--out_dir", "  "], ["out_dir: expected a folder path"]),
+    (["--synthetic_dir", ""], ["synthetic_dir: expected a folder path"]),
+    (["--snapshot", " "], ["snapshot: expected a path or"]),
+    (["--data_root", "\t"], ["data_root: expected a path or"]),
 ])
 def test_unusable_values_and_paths_exit_2_naming_the_key(tmp_path, capsys, flags, words):
     (tmp_path / "a_file").write_text("not a folder")
