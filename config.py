@@ -108,6 +108,19 @@ _NON_NEGATIVE = {
     "num_workers", "embedding_dim", "margin", "momentum", "weight_decay", "warmup_epochs",
     "warmup_factor", "min_lr", "clip_grad_norm", "seed", "synthetic_seed",
 }
+# Upper bounds far past any real job (the reference recipe: 50 epochs, 512 px, 32 images per
+# process, 8 processes), so that no run meets them while an extra zero or a wrong unit stops here,
+# naming the key, instead of later in an allocation error that names nothing.
+_AT_MOST = {
+    "total_epochs": 100_000, "save_every": 100_000, "eval_every": 100_000, "log_every": 1_000_000,
+    "synthetic_items": 100_000, "synthetic_views": 1_000, "synthetic_size": 8192,
+    "resize": 8192, "crop": 8192,
+    "batch_size": 65_536, "eval_batch_size": 65_536, "lr_batch_size": 1_048_576, "grad_accum_steps": 65_536,
+    "num_workers": 256, "embedding_dim": 65_536, "sub_centers": 64,
+    # Seeds stay within 32 bits: every generator takes them, with room for the per-epoch and
+    # per-sample seeds derived from them.
+    "seed": 2**32 - 1, "synthetic_seed": 2**32 - 1,
+}
 
 # Folders the run writes to or generates into: "" would put config.toml, metrics.jsonl and the
 # snapshot (or the synthetic set) straight into the working directory.
@@ -132,6 +145,8 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{f.name}: expected a value > 0, got {value!r}")
         if f.name in _NON_NEGATIVE and value < 0:
             raise ConfigError(f"{f.name}: expected a value >= 0, got {value!r}")
+        if f.name in _AT_MOST and value > _AT_MOST[f.name]:
+            raise ConfigError(f"{f.name}: expected a value <= {_AT_MOST[f.name]}, got {value!r}")
         if f.name in _CHOICES and value not in _CHOICES[f.name]:
             raise ConfigError(f"{f.name}: expected one of {', '.join(_CHOICES[f.name])}, got {value!r}")
     if cfg.crop > cfg.resize:

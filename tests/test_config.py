@@ -176,3 +176,33 @@ def test_unknown_flag_is_named_before_its_value_is_parsed(capsys, argv, flag, hi
 def test_closest_name_suggests_only_a_really_close_field(key, expected):
     assert config.closest_name(key, [f.name for f in fields(Config)]) == expected
 
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--total_epochs", "1000000000000"], "total_epochs: expected a value <= 100000, got 1000000000000"),
+    (["1000000000000"], "total_epochs: expected a value <= 100000"),
+    (["--resize", "100000", "--crop", "64"], "resize: expected a value <= 8192, got 100000"),
+    (["--synthetic_size", "100000"], "synthetic_size: expected a value <= 8192"),
+    (["--batch_size", "10000000"], "batch_size: expected a value <= 65536"),
+    (["--num_workers", "100000"], "num_workers: expected a value <= 256"),
+    (["--embedding_dim", "10000000"], "embedding_dim: expected a value <= 65536"),
+    (["--sub_centers", "1000"], "sub_centers: expected a value <= 64"),
+    (["--synthetic_items", "100000000"], "synthetic_items: expected a value <= 100000"),
+    (["--seed", str(2**64)], "seed: expected a value <= 4294967295"),
+])
+def test_absurd_sizes_exit_2_naming_the_key_and_the_bound(capsys, flags, message):
+    parser = config.arg_parser()
+    with pytest.raises(SystemExit) as info:
+        config.config_or_exit(parser, parser.parse_args(flags))
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_every_bound_is_inclusive_and_far_past_the_reference_recipe():
+    reference = Config(**config.load_toml(ROOT / "configs" / "inshop_r50.toml"))
+    for key, bound in config._AT_MOST.items():
+        assert bound >= 10 * max(getattr(reference, key), 1), key
+        sizes = {"resize": bound} if key == "crop" else {}
+        assert getattr(Config(**{key: bound, **sizes}), key) == bound
+        with pytest.raises(ConfigError, match=f"^{key}: expected a value <= {bound}"):
+            Config(**{key: bound + 1, **sizes})
