@@ -47,6 +47,9 @@ class Config:
     batch_size: int = 32  # per process, as in the tutorial
     eval_batch_size: int = 128  # per process
     num_workers: int = 1  # loader processes per training process
+    # images whose header claims more pixels are refused before decoding (decompression bombs);
+    # raise it for huge images
+    max_image_pixels: int = 89_478_485
 
     # --- model -----------------------------------------------------------------------------
     arch: str = "resnet18"
@@ -102,7 +105,7 @@ _CHOICES = {
 _POSITIVE = {
     "total_epochs", "save_every", "eval_every", "log_every", "synthetic_items", "synthetic_views",
     "synthetic_size", "resize", "crop", "batch_size", "eval_batch_size", "sub_centers",
-    "lr_batch_size", "grad_accum_steps", "lr", "scale",
+    "lr_batch_size", "grad_accum_steps", "lr", "scale", "max_image_pixels",
 }
 _NON_NEGATIVE = {
     "num_workers", "embedding_dim", "margin", "momentum", "weight_decay", "warmup_epochs",

@@ -117,6 +117,7 @@ def test_one_gpu_recipe_differs_from_the_reference_only_in_batch_and_precision()
 @pytest.mark.parametrize("flags, words", [
     (["--recall_at", "5"], ["recall_at", "holding 1"]),
     (["--margin", "3.5"], ["margin", "[0, pi)"]),
+    (["--max_image_pixels", "0"], ["max_image_pixels", "> 0"]),
     (["--data_root", "{tmp}/nowhere"], ["data_root", "nowhere", "list_eval_partition.txt"]),
     (["--margin_file", "{tmp}/margins.txt"], ["margin_file", "margins.txt"]),
     (["--pretrained", "{tmp}/r50.pth"], ["pretrained", "r50.pth"]),
@@ -206,3 +207,9 @@ def test_every_bound_is_inclusive_and_far_past_the_reference_recipe():
         assert getattr(Config(**{key: bound, **sizes}), key) == bound
         with pytest.raises(ConfigError, match=f"^{key}: expected a value <= {bound}"):
             Config(**{key: bound + 1, **sizes})
+
+
+def test_max_image_pixels_defaults_to_pils_bomb_limit_and_round_trips(tmp_path):
+    assert Config().max_image_pixels == 89_478_485  # PIL's Image.MAX_IMAGE_PIXELS
+    cfg = config.from_args(config.arg_parser().parse_args(["--max-image-pixels", "200000000"]))
+    assert Config(**config.load_toml(write(tmp_path, config.dump_toml(cfg)))).max_image_pixels == 200_000_000
