@@ -19,6 +19,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from arcface.head import check_margin
+from arcface.metrics import AP_MODES
+from arcface.model import ARCHS, POOLINGS
+
 
 class ConfigError(ValueError):
     """A configuration key or value that cannot be used; the message names the key."""
@@ -95,12 +99,13 @@ class Config:
         return Path(self.snapshot) if self.snapshot else Path(self.out_dir) / "snapshot.pt"
 
 
+# Choices of the code that uses them, so that a new arch or AP mode needs no edit here.
 _CHOICES = {
-    "pooling": ("avg", "gem"),
+    "arch": ARCHS,
+    "pooling": POOLINGS,
     "device": ("auto", "cuda", "mps", "cpu"),
     "amp": ("auto", "bf16", "fp16", "off"),
-    "ap_mode": ("IR", "integrate"),
-    "arch": ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"),
+    "ap_mode": AP_MODES,
 }
 _POSITIVE = {
     "total_epochs", "save_every", "eval_every", "log_every", "synthetic_items", "synthetic_views",
@@ -162,8 +167,10 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: expected a non-empty list of integers >= 1, got {list(ks)!r}")
     if 1 not in cfg.recall_at:
         raise ConfigError(f"recall_at: expected a list holding 1 (recall@1 picks the best epoch), got {list(cfg.recall_at)!r}")
-    if not 0 <= cfg.margin < math.pi:
-        raise ConfigError(f"margin: expected radians in [0, pi), got {cfg.margin}")
+    try:
+        check_margin(cfg.margin, "margin")
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     if cfg.warmup_epochs > cfg.total_epochs:
         raise ConfigError(f"warmup_epochs: expected at most total_epochs ({cfg.total_epochs}), got {cfg.warmup_epochs}")
 

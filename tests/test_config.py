@@ -213,3 +213,15 @@ def test_max_image_pixels_defaults_to_pils_bomb_limit_and_round_trips(tmp_path):
     assert Config().max_image_pixels == 89_478_485  # PIL's Image.MAX_IMAGE_PIXELS
     cfg = config.from_args(config.arg_parser().parse_args(["--max-image-pixels", "200000000"]))
     assert Config(**config.load_toml(write(tmp_path, config.dump_toml(cfg)))).max_image_pixels == 200_000_000
+
+
+def test_choices_and_the_margin_rule_are_the_ones_of_the_code_that_uses_them():
+    from arcface import head, metrics, model
+    assert config._CHOICES["arch"] is model.ARCHS and set(model.ARCHS) == set(model._RESNETS)
+    assert config._CHOICES["pooling"] is model.POOLINGS
+    assert config._CHOICES["ap_mode"] is metrics.AP_MODES
+    with pytest.raises(ValueError) as head_error:
+        head.check_margin(3.5, "margin")
+    with pytest.raises(ConfigError) as config_error:
+        Config(margin=3.5)
+    assert str(config_error.value) == str(head_error.value)
