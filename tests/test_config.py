@@ -1,3 +1,6 @@
+import ast
+import os
+import re
 import subprocess
 import sys
 from dataclasses import fields
@@ -225,3 +228,63 @@ def test_choices_and_the_margin_rule_are_the_ones_of_the_code_that_uses_them():
     with pytest.raises(ConfigError) as config_error:
         Config(margin=3.5)
     assert str(config_error.value) == str(head_error.value)
+
+
+SECTIONS = ["run length and outputs", "data", "model", "optimisation", "hardware and speed", "evaluation"]
+
+
+def test_help_has_one_entry_per_field_with_its_text_and_default_grouped_like_the_dataclass():
+    text = config.arg_parser().format_help()
+    flat = " ".join(text.split())  # argparse wraps long help lines
+    titles = [line[:-1] for line in text.splitlines() if line.endswith(":") and not line.startswith(" ")]
+    assert titles[-len(SECTIONS):] == SECTIONS
+    defaults = Config()
+    for f in fields(Config):
+        assert len(re.findall(rf"^  --{f.name}\b", text, flags=re.M)) == 1, f.name  # no second alias shown
+        assert f.metadata["help"] in flat, f.name
+        assert f"(default: {config._toml_value(getattr(defaults, f.name))})" in flat, f.name
+    for section, first in zip(SECTIONS, ["total_epochs", "data_root", "arch", "lr", "device", "recall_at"]):
+        assert re.search(rf"^{section}:\n  --{first}\b", text, flags=re.M), section
+    for flag, choices in [("arch", "resnet18,resnet34,resnet50,resnet101,resnet152"), ("amp", "auto,bf16,fp16,off"),
+                          ("device", "auto,cuda,mps,cpu"), ("pooling", "avg,gem"), ("ap_mode", "IR,integrate")]:
+        assert f"--{flag} {{{choices}}}" in text
+    assert "learning rate for a total batch of lr_batch_size images; scaled linearly" in flat
+
+
+def test_choice_flags_take_the_model_and_metric_tuples():
+    from arcface import metrics, model
+    choices = {a.dest: a.choices for a in config.arg_parser()._actions if a.choices}
+    assert choices["opt_arch"] == model.ARCHS and choices["opt_pooling"] == model.POOLINGS
+    assert choices["opt_ap_mode"] == metrics.AP_MODES
+
+
+@pytest.mark.parametrize("argv, compile, sync_bn, nesterov", [
+    (["--compile"], True, None, None),
+    (["--compile", "--sync-bn", "--nesterov", "false"], True, True, False),
+    (["--compile=no", "--sync_bn"], False, True, None),
+    (["--no-compile", "--no_sync_bn", "--no-nesterov"], False, False, False),
+    (["3", "--compile"], True, None, None),
+])
+def test_booleans_are_switches_and_still_take_a_value(argv, compile, sync_bn, nesterov):
+    args = config.arg_parser().parse_args(argv)
+    assert (args.opt_compile, args.opt_sync_bn, args.opt_nesterov) == (compile, sync_bn, nesterov)
+
+
+def test_a_number_after_a_boolean_switch_says_where_positionals_go(capsys):
+    with pytest.raises(SystemExit):
+        config.arg_parser().parse_args(["--compile", "5"])
+    assert "got '5' (put total_epochs and save_every before the flags)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("launcher, own_flag", [("single_gpu.py", None), ("multigpu.py", "--nprocs")])
+def test_launcher_help_keeps_its_usage_lines_as_written(launcher, own_flag):
+    proc = subprocess.run([sys.executable, launcher, "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "COLUMNS": "80"})
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    doc = ast.get_docstring(ast.parse((ROOT / launcher).read_text()), clean=False)
+    usage_lines = [line for line in doc.splitlines() if line.startswith("    ")]
+    assert usage_lines and all(line in lines for line in usage_lines)
+    assert all(f"{section}:" in lines for section in SECTIONS)
+    if own_flag:
+        assert any(line.startswith(f"  {own_flag} ") for line in lines)
