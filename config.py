@@ -149,11 +149,11 @@ _OPTIONAL_PATHS = ("snapshot", "data_root", "pretrained", "margin_file")
 
 def _validate(cfg: Config) -> None:
     for key in _FOLDERS:
-        if not getattr(cfg, key).strip():
+        if not str(getattr(cfg, key)).strip():
             raise ConfigError(f"{key}: expected a folder path, got {getattr(cfg, key)!r}")
     for key in _OPTIONAL_PATHS:
         value = getattr(cfg, key)
-        if value and not value.strip():
+        if value and not str(value).strip():
             raise ConfigError(f'{key}: expected a path or "" (none), got {value!r}')
     for f in fields(cfg):
         value = getattr(cfg, f.name)
