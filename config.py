@@ -2,7 +2,8 @@
 
     defaults (the demo: synthetic set, small model, minutes on a CPU)
       < --config FILE.toml (flat `key = value` lines, keys named like the fields)
-      < --<field> VALUE flags (dashes or underscores) and the tutorial's [total_epochs] [save_every]
+      < --<field> VALUE flags (dashes or underscores; a boolean flag alone means true)
+      < the tutorial's positionals [total_epochs] [save_every]
 
 Every constant of the job is a field here, so a run directory's `config.toml` reproduces the run.
 """
@@ -12,76 +13,93 @@ from __future__ import annotations
 import argparse
 import difflib
 import math
+import sys
 import tomllib
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
+
+from arcface.head import check_margin
+from arcface.metrics import AP_MODES
+from arcface.model import ARCHS, POOLINGS
 
 
 class ConfigError(ValueError):
     """A configuration key or value that cannot be used; the message names the key."""
 
 
+def _setting(default: Any, help: str, section: str | None = None) -> Any:
+    """A Config field with its `--help` text; `section` starts a new group of the help there."""
+    metadata = {"help": help} if section is None else {"help": help, "section": section}
+    return field(default=default, metadata=metadata)
+
+
 @dataclass(frozen=True)
 class Config:
-    # --- run length and outputs -------------------------------------------------------------
-    total_epochs: int = 6
-    save_every: int = 1  # snapshot every N epochs (and always at the end)
-    eval_every: int = 3  # evaluate every N epochs (and always before training and at the end)
-    out_dir: str = "runs/demo"
-    snapshot: str = ""  # "" means <out_dir>/snapshot.pt
-    seed: int = 0
-    log_every: int = 10  # optimizer steps between progress-bar updates
+    """Every setting of a job.
 
-    # --- data ------------------------------------------------------------------------------
-    data_root: str = ""  # In-Shop root (Eval/ and Img/); "" trains on the synthetic set
-    synthetic_dir: str = ".cache/synthetic"  # where the synthetic set is generated once
-    synthetic_items: int = 300
-    synthetic_views: int = 12
-    synthetic_size: int = 64  # side of the generated JPEGs
-    synthetic_seed: int = 0
-    resize: int = 72  # images are resized to resize x resize, then cropped
-    crop: int = 64
-    batch_size: int = 32  # per process, as in the tutorial
-    eval_batch_size: int = 128  # per process
-    num_workers: int = 1  # loader processes per training process
+    Each field carries its `--help` text, so the help cannot drift from the source; the field
+    that names a `section` opens that group of the help (and of this class).
+    """
 
-    # --- model -----------------------------------------------------------------------------
-    arch: str = "resnet18"
-    pretrained: str = ""  # "", "imagenet" (torchvision weights) or a local checkpoint path
-    pooling: str = "avg"  # "avg" or "gem"
-    embedding_dim: int = 0  # 0 keeps the pooled feature as the embedding (the reference)
-    scale: float = 64.0  # ArcFace s, as in the recipe
-    margin: float = 0.5  # ArcFace m, radians, as in the recipe
-    margin_file: str = ""  # one margin per class, one per line; overrides `margin`
-    sub_centers: int = 1
-    easy_margin: bool = False
+    total_epochs: int = _setting(6, "epochs to train", section="run length and outputs")
+    save_every: int = _setting(1, "snapshot every N epochs (and always at the end)")
+    eval_every: int = _setting(3, "evaluate every N epochs (and always before training and at the end)")
+    out_dir: str = _setting("runs/demo", "folder of the run: config.toml, metrics.jsonl, the snapshot")
+    snapshot: str = _setting("", 'snapshot file; "" means <out_dir>/snapshot.pt')
+    seed: int = _setting(0, "seed of the initial weights, the shuffling and the augmentation")
+    log_every: int = _setting(10, "optimizer steps between progress-bar updates")
 
-    # --- optimisation ----------------------------------------------------------------------
+    data_root: str = _setting("", 'In-Shop root (Eval/ and Img/); "" trains on the synthetic set',
+                              section="data")
+    synthetic_dir: str = _setting(".cache/synthetic", "where the synthetic set is generated once")
+    synthetic_items: int = _setting(300, "items (identities) of the synthetic set")
+    synthetic_views: int = _setting(12, "images of each synthetic item (at least 3)")
+    synthetic_size: int = _setting(64, "side of the generated JPEGs")
+    synthetic_seed: int = _setting(0, "seed of the synthetic set")
+    resize: int = _setting(72, "images are resized to resize x resize, then cropped")
+    crop: int = _setting(64, "side of the square crop (random in training, centred in evaluation); <= resize")
+    batch_size: int = _setting(32, "training images per process and step, as in the tutorial")
+    eval_batch_size: int = _setting(128, "evaluation images per process and batch")
+    num_workers: int = _setting(1, "loader processes per training process")
+    max_image_pixels: int = _setting(89_478_485, "images whose header claims more pixels are refused before "
+                                     "decoding (decompression bombs); raise it for huge images")
+
+    arch: str = _setting("resnet18", "torchvision ResNet of the backbone", section="model")
+    pretrained: str = _setting("", '"", "imagenet" (torchvision weights) or a local checkpoint path')
+    pooling: str = _setting("avg", "average or generalised-mean (GeM, learnable p) pooling")
+    embedding_dim: int = _setting(0, "0 keeps the pooled feature as the embedding (the reference)")
+    scale: float = _setting(64.0, "ArcFace s, as in the recipe")
+    margin: float = _setting(0.5, "ArcFace m, radians, as in the recipe")
+    margin_file: str = _setting("", "one margin per class, one per line; overrides margin")
+    sub_centers: int = _setting(1, "ArcFace weight vectors per class (1: plain ArcFace)")
+    easy_margin: bool = _setting(False, "margin only where cos > 0, instead of the large-angle fallback")
+
     # 8x the recipe's 0.02: the demo learns from scratch, in six short epochs.
-    lr: float = 0.16  # for a total batch of `lr_batch_size`; scaled linearly with the real one
-    lr_batch_size: int = 256
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    warmup_epochs: float = 0.5
-    warmup_factor: float = 0.01  # warm-up starts at warmup_factor * lr
-    min_lr: float = 0.0  # cosine annealing ends here
-    grad_accum_steps: int = 1
-    clip_grad_norm: float = 0.0  # 0 disables clipping
+    lr: float = _setting(0.16, "learning rate for a total batch of lr_batch_size images; scaled linearly "
+                         "to the real total batch (batch_size x processes x grad_accum_steps)",
+                         section="optimisation")
+    lr_batch_size: int = _setting(256, "the total batch that lr is given for")
+    momentum: float = _setting(0.9, "SGD momentum")
+    nesterov: bool = _setting(True, "Nesterov momentum")
+    weight_decay: float = _setting(5e-4, "SGD weight decay")
+    warmup_epochs: float = _setting(0.5, "epochs of linear warm-up (fractions allowed)")
+    warmup_factor: float = _setting(0.01, "warm-up starts at warmup_factor * lr")
+    min_lr: float = _setting(0.0, "cosine annealing ends here")
+    grad_accum_steps: int = _setting(1, "batches whose gradients add up to one optimizer step")
+    clip_grad_norm: float = _setting(0.0, "largest gradient norm; 0 disables clipping")
 
-    # --- hardware and speed ----------------------------------------------------------------
-    device: str = "auto"  # auto (cuda > mps > cpu), cuda, mps, cpu
-    amp: str = "auto"  # auto (bf16 on CUDA when supported, else off), bf16, fp16, off
-    channels_last: bool = False
-    compile: bool = False
-    sync_bn: bool = False
+    device: str = _setting("auto", "auto takes cuda, else mps, else cpu", section="hardware and speed")
+    amp: str = _setting("auto", "mixed precision; auto is bf16 on CUDA when supported, else off")
+    channels_last: bool = _setting(False, "channels-last memory format for images and weights")
+    compile: bool = _setting(False, "torch.compile the model")
+    sync_bn: bool = _setting(False, "SyncBatchNorm across processes (CUDA only)")
 
-    # --- evaluation ------------------------------------------------------------------------
-    recall_at: tuple[int, ...] = (1, 5)
-    map_at: tuple[int, ...] = (10,)
-    ap_mode: str = "IR"  # "IR" or "integrate" (mmpretrain's two AP definitions)
+    recall_at: tuple[int, ...] = _setting((1, 5), "K of each Recall@K (must hold 1: recall@1 picks the best "
+                                          "epoch)", section="evaluation")
+    map_at: tuple[int, ...] = _setting((10,), "K of each mAP@K")
+    ap_mode: str = _setting("IR", '"IR" or "integrate" (mmpretrain\'s two AP definitions)')
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -91,25 +109,52 @@ class Config:
         return Path(self.snapshot) if self.snapshot else Path(self.out_dir) / "snapshot.pt"
 
 
+# Choices of the code that uses them, so that a new arch or AP mode needs no edit here.
 _CHOICES = {
-    "pooling": ("avg", "gem"),
+    "arch": ARCHS,
+    "pooling": POOLINGS,
     "device": ("auto", "cuda", "mps", "cpu"),
     "amp": ("auto", "bf16", "fp16", "off"),
-    "ap_mode": ("IR", "integrate"),
-    "arch": ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"),
+    "ap_mode": AP_MODES,
 }
 _POSITIVE = {
     "total_epochs", "save_every", "eval_every", "log_every", "synthetic_items", "synthetic_views",
     "synthetic_size", "resize", "crop", "batch_size", "eval_batch_size", "sub_centers",
-    "lr_batch_size", "grad_accum_steps", "lr", "scale",
+    "lr_batch_size", "grad_accum_steps", "lr", "scale", "max_image_pixels",
 }
 _NON_NEGATIVE = {
     "num_workers", "embedding_dim", "margin", "momentum", "weight_decay", "warmup_epochs",
     "warmup_factor", "min_lr", "clip_grad_norm", "seed", "synthetic_seed",
 }
+# Upper bounds far past any real job (the reference recipe: 50 epochs, 512 px, 32 images per
+# process, 8 processes), so that no run meets them while an extra zero or a wrong unit stops here,
+# naming the key, instead of later in an allocation error that names nothing.
+_AT_MOST = {
+    "total_epochs": 100_000, "save_every": 100_000, "eval_every": 100_000, "log_every": 1_000_000,
+    "synthetic_items": 100_000, "synthetic_views": 1_000, "synthetic_size": 8192,
+    "resize": 8192, "crop": 8192,
+    "batch_size": 65_536, "eval_batch_size": 65_536, "lr_batch_size": 1_048_576, "grad_accum_steps": 65_536,
+    "num_workers": 256, "embedding_dim": 65_536, "sub_centers": 64,
+    # Seeds stay within 32 bits: every generator takes them, with room for the per-epoch and
+    # per-sample seeds derived from them.
+    "seed": 2**32 - 1, "synthetic_seed": 2**32 - 1,
+}
+
+# Folders the run writes to or generates into: "" would put config.toml, metrics.jsonl and the
+# snapshot (or the synthetic set) straight into the working directory.
+_FOLDERS = ("out_dir", "synthetic_dir")
+# Paths where "" means none; one of only spaces is a slip, not a file name.
+_OPTIONAL_PATHS = ("snapshot", "data_root", "pretrained", "margin_file")
 
 
 def _validate(cfg: Config) -> None:
+    for key in _FOLDERS:
+        if not str(getattr(cfg, key)).strip():
+            raise ConfigError(f"{key}: expected a folder path, got {getattr(cfg, key)!r}")
+    for key in _OPTIONAL_PATHS:
+        value = getattr(cfg, key)
+        if value and not str(value).strip():
+            raise ConfigError(f'{key}: expected a path or "" (none), got {value!r}')
     for f in fields(cfg):
         value = getattr(cfg, f.name)
         if isinstance(value, float) and not math.isfinite(value):
@@ -118,6 +163,8 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{f.name}: expected a value > 0, got {value!r}")
         if f.name in _NON_NEGATIVE and value < 0:
             raise ConfigError(f"{f.name}: expected a value >= 0, got {value!r}")
+        if f.name in _AT_MOST and value > _AT_MOST[f.name]:
+            raise ConfigError(f"{f.name}: expected a value <= {_AT_MOST[f.name]}, got {value!r}")
         if f.name in _CHOICES and value not in _CHOICES[f.name]:
             raise ConfigError(f"{f.name}: expected one of {', '.join(_CHOICES[f.name])}, got {value!r}")
     if cfg.crop > cfg.resize:
@@ -130,8 +177,10 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: expected a non-empty list of integers >= 1, got {list(ks)!r}")
     if 1 not in cfg.recall_at:
         raise ConfigError(f"recall_at: expected a list holding 1 (recall@1 picks the best epoch), got {list(cfg.recall_at)!r}")
-    if not 0 <= cfg.margin < math.pi:
-        raise ConfigError(f"margin: expected radians in [0, pi), got {cfg.margin}")
+    try:
+        check_margin(cfg.margin, "margin")
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     if cfg.warmup_epochs > cfg.total_epochs:
         raise ConfigError(f"warmup_epochs: expected at most total_epochs ({cfg.total_epochs}), got {cfg.warmup_epochs}")
 
@@ -145,9 +194,47 @@ def _field_types() -> dict[str, type]:
     return {f.name: hints[f.name] for f in fields(Config)}
 
 
-def _closest(key: str) -> str:
-    match = difflib.get_close_matches(key, [f.name for f in fields(Config)], n=1, cutoff=0.5)
-    return f" (did you mean {match[0]!r}?)" if match else ""
+def _did_you_mean(key: str, names: Iterable[str], prefix: str = "") -> str:
+    """' (did you mean ...?)' naming the one close name, or '' when none is close enough."""
+    match = closest_name(key, names)
+    return f" (did you mean {prefix + match!r}?)" if match else ""
+
+
+def closest_name(key: str, names: Iterable[str]) -> str | None:
+    """The one name `key` was most likely meant to be, or None when no name is really close.
+
+    A suggestion that points at an unrelated setting misleads more than none, so only these count,
+    tried in order and each only when it picks a single name: the same letters apart from `_`
+    (batchsize); an abbreviation of at least 3 letters (pool); a name followed by more words
+    (lr_rate, amp_mode: the longest such name); the initials of one side's words (learning_rate ->
+    lr, bs -> batch_size); a spelling at most about one letter in five away (embeding_dim).
+    """
+    key = _normalized(key)
+    names = sorted({_normalized(name) for name in names})
+    rules = (
+        lambda name: key.replace("_", "") == name.replace("_", ""),
+        lambda name: len(key) >= 3 and name.startswith(key),
+        lambda name: key.startswith(name + "_"),
+        lambda name: _initials(key) == name or _initials(name) == key,
+    )
+    for rule in rules:
+        matches = [name for name in names if rule(name)]
+        if rule is rules[2] and matches:
+            return max(matches, key=len)
+        if len(matches) == 1:
+            return matches[0]
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.8)
+    return close[0] if close else None
+
+
+def _normalized(name: str) -> str:
+    return name.lstrip("-").lower().replace("-", "_")
+
+
+def _initials(name: str) -> str | None:
+    """'learning_rate' -> 'lr'; None for a single word, whose initial would match far too much."""
+    words = [word for word in name.split("_") if word]
+    return "".join(word[0] for word in words) if len(words) >= 2 else None
 
 
 def _coerce(key: str, value: Any, where: str) -> Any:
@@ -192,7 +279,7 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     values = {}
     for key, value in raw.items():
         if key not in known:
-            raise ConfigError(f"{path}: unknown key {key!r}{_closest(key)}")
+            raise ConfigError(f"{path}: unknown key {key!r}{_did_you_mean(key, known)}")
         values[key] = _coerce(key, value, f"{path}: ")
     return values
 
@@ -216,42 +303,112 @@ def _toml_value(value: Any) -> str:
 
 
 class _Parser(argparse.ArgumentParser):
-    """Reports an unknown flag with the closest valid one, and exits with status 2."""
+    """Reports an unknown flag by name, with a valid one only when it is close, and exits with 2."""
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace=None):  # type: ignore[override]
+        args = sys.argv[1:] if args is None else list(args)
+        # Checked before argparse parses: it would hand the value after an unknown flag to the
+        # optional positional `total_epochs` and report "invalid int value" instead of the flag.
+        unknown = next((flag for flag in map(_flag_of, args[:_end_of_options(args)])
+                        if flag is not None and flag not in self._option_names()), None)
+        if unknown is not None:
+            self._unrecognized(unknown)
+        return super().parse_known_args(args, namespace)
 
     def parse_args(self, args: Sequence[str] | None = None, namespace=None):  # type: ignore[override]
         parsed, unknown = self.parse_known_args(args, namespace)
-        flags = [a for a in unknown if a.startswith("-")]
         if unknown:
-            bad = flags[0] if flags else unknown[0]
-            key = bad.lstrip("-").split("=", 1)[0].replace("-", "_")
-            self.error(f"unrecognized argument {bad!r}{_closest(key) if flags else ''}")
+            self._unrecognized(unknown[0])
         return parsed
+
+    def _option_names(self) -> set[str]:
+        return {name for action in self._actions for name in action.option_strings}
+
+    def _unrecognized(self, arg: str) -> None:
+        hint = ""
+        if arg.startswith("-"):
+            long_names = (name for name in self._option_names() if name.startswith("--"))
+            hint = _did_you_mean(arg, long_names, prefix="--")
+        self.error(f"unrecognized argument {arg!r}{hint}")
+
+
+def _end_of_options(args: list[str]) -> int:
+    """Index of `--` (after which every argument is a positional), or len(args)."""
+    return args.index("--") if "--" in args else len(args)
+
+
+def _flag_of(arg: str) -> str | None:
+    """'--lr=0.1' -> '--lr', '--lr' -> '--lr'; None for values, negative numbers included."""
+    if not arg.startswith("-") or arg == "-":
+        return None
+    try:
+        float(arg)
+        return None
+    except ValueError:
+        return arg.split("=", 1)[0]
+
+
+_HELP_EPILOG = """\
+Settings are taken from the defaults, then --config FILE, then --FIELD flags, then the
+positionals. Flags take dashes or underscores (--batch-size is --batch_size). A boolean
+flag alone means true (--compile); --compile false or --no-compile means false.
+"""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the launcher docstring's lines as written (its usage lines must not be reflowed)."""
+
+    def __init__(self, prog: str) -> None:
+        # Room for `--eval_batch_size INT` and its kin, so that their help starts on the same line.
+        super().__init__(prog, max_help_position=34)
 
 
 def arg_parser(description: str | None = None) -> argparse.ArgumentParser:
-    """A parser with the tutorial's positionals and one flag per Config field; launchers add their own."""
-    parser = _Parser(description=description, allow_abbrev=False,
+    """A parser with the tutorial's positionals and one flag per Config field, grouped like the
+    dataclass; launchers add their own."""
+    parser = _Parser(description=description, epilog=_HELP_EPILOG, formatter_class=_HelpFormatter,
+                     allow_abbrev=False,
                      usage="%(prog)s [total_epochs] [save_every] [--config FILE] [--FIELD VALUE ...]")
     parser.add_argument("total_epochs", nargs="?", type=int, default=None,
-                        help="epochs to train (overrides the config)")
+                        help="epochs to train (overrides --total_epochs and the config)")
     parser.add_argument("save_every", nargs="?", type=int, default=None,
-                        help="snapshot every N epochs (overrides the config)")
-    parser.add_argument("--config", default=None, help="TOML file of config fields")
+                        help="snapshot every N epochs (overrides --save_every and the config)")
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="TOML file of `field = value` lines (a run's config.toml, configs/*.toml)")
     defaults = Config()
-    for name, kind in _field_types().items():
-        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-        kw: dict[str, Any] = dict(dest=f"opt_{name}", default=None, metavar=name.upper(),
-                                  help=f"default: {getattr(defaults, name)!r}")
-        if kind is bool:
-            kw["type"] = _parse_bool
-            kw["metavar"] = "{true,false}"
-        elif kind in (int, float, str):
-            kw["type"] = kind
-        else:
-            kw["type"] = int
-            kw["nargs"] = "+"
-        parser.add_argument(*flags, **kw)
+    kinds = _field_types()
+    group: argparse._ActionsContainer = parser
+    for f in fields(Config):
+        if "section" in f.metadata:
+            group = parser.add_argument_group(f.metadata["section"])
+        _add_field_flags(group, f, kinds[f.name], getattr(defaults, f.name))
     return parser
+
+
+_METAVARS = {int: "INT", float: "FLOAT", str: "STR"}
+
+
+def _add_field_flags(group: argparse._ActionsContainer, f: Field, kind: type, default: Any) -> None:
+    """--name, shown in the help; --name-with-dashes (and --no-name for a boolean), hidden from it."""
+    dashed = f.name.replace("_", "-")
+    help_text = f"{f.metadata['help']} (default: {_toml_value(default)})"
+    shown: dict[str, Any] = dict(dest=f"opt_{f.name}", default=None,
+                                 help=help_text.replace("%", "%%"))  # argparse %-formats help
+    if kind is bool:
+        # An optional value keeps `--nesterov false`, which configs and docs use, working.
+        shown.update(nargs="?", const=True, type=_parse_bool, metavar="{true,false}")
+    elif f.name in _CHOICES:
+        shown.update(choices=_CHOICES[f.name])
+    elif kind in _METAVARS:
+        shown.update(type=kind, metavar=_METAVARS[kind])
+    else:  # tuple[int, ...]
+        shown.update(type=int, nargs="+", metavar="K")
+    group.add_argument(f"--{f.name}", **shown)
+    if dashed != f.name:
+        group.add_argument(f"--{dashed}", **{**shown, "help": argparse.SUPPRESS})
+    if kind is bool:
+        group.add_argument(*dict.fromkeys((f"--no-{dashed}", f"--no_{f.name}")), dest=f"opt_{f.name}",
+                           action="store_const", const=False, default=None, help=argparse.SUPPRESS)
 
 
 def _parse_bool(text: str) -> bool:
@@ -260,7 +417,9 @@ def _parse_bool(text: str) -> bool:
         return True
     if lowered in ("0", "false", "no", "off"):
         return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    # A boolean flag takes an optional value, so `--compile 5` reads 5 as its value.
+    hint = " (put total_epochs and save_every before the flags)" if text.isdigit() else ""
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}{hint}")
 
 
 def from_args(args: argparse.Namespace) -> Config:

@@ -155,9 +155,18 @@ def load_margins(
             )
         where = [f"margin[{index}]" for index in range(num_classes)]
     for value, place in zip(values, where):
-        if not (0.0 <= value < math.pi):
-            raise ValueError(f"{place}: margin must be in [0, pi) radians, got {value!r}")
+        check_margin(value, place)
     return torch.tensor(values, dtype=torch.float32)
+
+
+def check_margin(value: float, where: str) -> None:
+    """Raises ValueError naming `where` unless 0 <= value < pi (radians; NaN fails too).
+
+    From pi on, theta + m passes pi for every theta > 0, where cos(theta + m) rises again: the
+    margin would reward the target class instead of penalising it.
+    """
+    if not (0.0 <= value < math.pi):
+        raise ValueError(f"{where}: margin must be in [0, pi) radians, got {value!r}")
 
 
 def _read_margin_file(path: str | os.PathLike, num_classes: int) -> list[float]:

@@ -23,6 +23,9 @@ _RESNETS = {
     "resnet101": torchvision.models.resnet101,
     "resnet152": torchvision.models.resnet152,
 }
+# The values `build_model` accepts; config.py offers exactly these.
+ARCHS = tuple(_RESNETS)
+POOLINGS = ("avg", "gem")
 
 # The best ImageNet-1k weights torchvision publishes for each depth (V2 where it exists).
 _IMAGENET_WEIGHTS = {
@@ -121,10 +124,10 @@ def build_model(
     pooling: "avg" or "gem". embedding_dim: None uses the pooled feature (2048 for ResNet-50)
     as the embedding; an int adds Linear(C, d, bias=False) + BatchNorm1d(d).
     """
-    if arch not in _RESNETS:
-        raise ValueError(f"arch: expected one of {', '.join(_RESNETS)}, got {arch!r}")
-    if pooling not in ("avg", "gem"):
-        raise ValueError(f"pooling: expected 'avg' or 'gem', got {pooling!r}")
+    if arch not in ARCHS:
+        raise ValueError(f"arch: expected one of {', '.join(ARCHS)}, got {arch!r}")
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling: expected {' or '.join(map(repr, POOLINGS))}, got {pooling!r}")
     if embedding_dim is not None and (not isinstance(embedding_dim, int) or embedding_dim < 1):
         raise ValueError(
             f"embedding_dim: expected a positive integer or None, got {embedding_dim!r}"

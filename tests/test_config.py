@@ -1,3 +1,6 @@
+import ast
+import os
+import re
 import subprocess
 import sys
 from dataclasses import fields
@@ -60,12 +63,15 @@ def test_dump_and_load_round_trip(tmp_path):
 
 @pytest.mark.parametrize("text, words", [
     ("batchsize = 3\n", ["batchsize", "batch_size", "c.toml"]),
+    ("learning_rate = 0.1\n", ["learning_rate", "(did you mean 'lr'?)"]),
     ("batch_size = 'big'\n", ["batch_size", "integer"]),
     ("lr = -1\n", ["lr", "> 0"]),
     ("amp = 'fp8'\n", ["amp", "bf16"]),
     ("crop = 600\n", ["crop", "resize"]),
     ("recall_at = []\n", ["recall_at"]),
     ("arch = 'vgg'\n", ["arch", "resnet50"]),
+    ("out_dir = ''\n", ["out_dir", "folder path"]),
+    ("synthetic_dir = ' '\n", ["synthetic_dir", "folder path"]),
     ("lr = [\n", ["c.toml", "TOML"]),
 ])
 def test_bad_file_names_the_key(tmp_path, text, words):
@@ -90,6 +96,7 @@ def test_every_field_has_a_flag():
 
 @pytest.mark.parametrize("argv, words", [
     (["--batchsize", "3"], ["--batchsize", "batch_size"]),
+    (["--model", "resnet50"], ["unrecognized argument '--model'"]),
     (["--lr", "0"], ["lr", "> 0"]),
     (["--amp", "fp8"], ["amp"]),
 ])
@@ -113,11 +120,17 @@ def test_one_gpu_recipe_differs_from_the_reference_only_in_batch_and_precision()
 @pytest.mark.parametrize("flags, words", [
     (["--recall_at", "5"], ["recall_at", "holding 1"]),
     (["--margin", "3.5"], ["margin", "[0, pi)"]),
+    (["--max_image_pixels", "0"], ["max_image_pixels", "> 0"]),
     (["--data_root", "{tmp}/nowhere"], ["data_root", "nowhere", "list_eval_partition.txt"]),
     (["--margin_file", "{tmp}/margins.txt"], ["margin_file", "margins.txt"]),
     (["--pretrained", "{tmp}/r50.pth"], ["pretrained", "r50.pth"]),
     (["--out_dir", "{tmp}/a_file/run"], ["out_dir", "a_file"]),
     (["--snapshot", "{tmp}/a_file/snapshot.pt"], ["snapshot", "a_file"]),
+    (["--out_dir", ""], ["out_dir: expected a folder path, got ''"]),
+    (["--out_dir", "  "], ["out_dir: expected a folder path"]),
+    (["--synthetic_dir", ""], ["synthetic_dir: expected a folder path"]),
+    (["--snapshot", " "], ["snapshot: expected a path or"]),
+    (["--data_root", "\t"], ["data_root: expected a path or"]),
 ])
 def test_unusable_values_and_paths_exit_2_naming_the_key(tmp_path, capsys, flags, words):
     (tmp_path / "a_file").write_text("not a folder")
@@ -135,3 +148,143 @@ def test_existing_paths_pass(tmp_path):
     cfg = Config(data_root=str(tmp_path), margin_file=str(tmp_path / "margins.txt"), pretrained="imagenet",
                  out_dir=str(tmp_path / "new" / "run"), recall_at=(5, 1))
     config.check_paths(cfg)
+
+
+@pytest.mark.parametrize("argv, flag, hint", [
+    (["--model", "resnet50"], "--model", None),
+    (["--resume", "x"], "--resume", None),
+    (["--lr-rate", "0.1"], "--lr-rate", "--lr"),
+    (["--lr_rate=0.1"], "--lr_rate", "--lr"),
+    (["--learning_rate=0.1"], "--learning_rate", "--lr"),
+    (["--batchsize", "8"], "--batchsize", "--batch_size"),
+    (["5", "--embeding-dim", "4"], "--embeding-dim", "--embedding_dim"),
+    (["--margin", "-0.5", "--epochs", "3"], "--epochs", None),
+])
+def test_unknown_flag_is_named_before_its_value_is_parsed(capsys, argv, flag, hint):
+    with pytest.raises(SystemExit) as info:
+        config.arg_parser().parse_args(argv)
+    assert info.value.code == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line.endswith(f"unrecognized argument {flag!r}" + (f" (did you mean {hint!r}?)" if hint else ""))
+
+
+@pytest.mark.parametrize("key, expected", [
+    ("batchsize", "batch_size"),  # the same letters
+    ("pool", "pooling"),  # an abbreviation
+    ("lr_rate", "lr"), ("amp_mode", "amp"), ("lr_batch", "lr_batch_size"),  # a name and more words
+    ("learning_rate", "lr"), ("wd", "weight_decay"),  # initials
+    ("embeding_dim", "embedding_dim"), ("Num-Worker", "num_workers"),  # a letter or two off
+    ("model", None), ("resume", None), ("epochs", None),  # nothing is close
+    ("eval", None), ("synth", None),  # several names are as close
+])
+def test_closest_name_suggests_only_a_really_close_field(key, expected):
+    assert config.closest_name(key, [f.name for f in fields(Config)]) == expected
+
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--total_epochs", "1000000000000"], "total_epochs: expected a value <= 100000, got 1000000000000"),
+    (["1000000000000"], "total_epochs: expected a value <= 100000"),
+    (["--resize", "100000", "--crop", "64"], "resize: expected a value <= 8192, got 100000"),
+    (["--synthetic_size", "100000"], "synthetic_size: expected a value <= 8192"),
+    (["--batch_size", "10000000"], "batch_size: expected a value <= 65536"),
+    (["--num_workers", "100000"], "num_workers: expected a value <= 256"),
+    (["--embedding_dim", "10000000"], "embedding_dim: expected a value <= 65536"),
+    (["--sub_centers", "1000"], "sub_centers: expected a value <= 64"),
+    (["--synthetic_items", "100000000"], "synthetic_items: expected a value <= 100000"),
+    (["--seed", str(2**64)], "seed: expected a value <= 4294967295"),
+])
+def test_absurd_sizes_exit_2_naming_the_key_and_the_bound(capsys, flags, message):
+    parser = config.arg_parser()
+    with pytest.raises(SystemExit) as info:
+        config.config_or_exit(parser, parser.parse_args(flags))
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_every_bound_is_inclusive_and_far_past_the_reference_recipe():
+    reference = Config(**config.load_toml(ROOT / "configs" / "inshop_r50.toml"))
+    for key, bound in config._AT_MOST.items():
+        assert bound >= 10 * max(getattr(reference, key), 1), key
+        sizes = {"resize": bound} if key == "crop" else {}
+        assert getattr(Config(**{key: bound, **sizes}), key) == bound
+        with pytest.raises(ConfigError, match=f"^{key}: expected a value <= {bound}"):
+            Config(**{key: bound + 1, **sizes})
+
+
+def test_max_image_pixels_defaults_to_pils_bomb_limit_and_round_trips(tmp_path):
+    assert Config().max_image_pixels == 89_478_485  # PIL's Image.MAX_IMAGE_PIXELS
+    cfg = config.from_args(config.arg_parser().parse_args(["--max-image-pixels", "200000000"]))
+    assert Config(**config.load_toml(write(tmp_path, config.dump_toml(cfg)))).max_image_pixels == 200_000_000
+
+
+def test_choices_and_the_margin_rule_are_the_ones_of_the_code_that_uses_them():
+    from arcface import head, metrics, model
+    assert config._CHOICES["arch"] is model.ARCHS and set(model.ARCHS) == set(model._RESNETS)
+    assert config._CHOICES["pooling"] is model.POOLINGS
+    assert config._CHOICES["ap_mode"] is metrics.AP_MODES
+    with pytest.raises(ValueError) as head_error:
+        head.check_margin(3.5, "margin")
+    with pytest.raises(ConfigError) as config_error:
+        Config(margin=3.5)
+    assert str(config_error.value) == str(head_error.value)
+
+
+SECTIONS = ["run length and outputs", "data", "model", "optimisation", "hardware and speed", "evaluation"]
+
+
+def test_help_has_one_entry_per_field_with_its_text_and_default_grouped_like_the_dataclass():
+    text = config.arg_parser().format_help()
+    flat = " ".join(text.split())  # argparse wraps long help lines
+    titles = [line[:-1] for line in text.splitlines() if line.endswith(":") and not line.startswith(" ")]
+    assert titles[-len(SECTIONS):] == SECTIONS
+    defaults = Config()
+    for f in fields(Config):
+        assert len(re.findall(rf"^  --{f.name}\b", text, flags=re.M)) == 1, f.name  # no second alias shown
+        assert f.metadata["help"] in flat, f.name
+        assert f"(default: {config._toml_value(getattr(defaults, f.name))})" in flat, f.name
+    for section, first in zip(SECTIONS, ["total_epochs", "data_root", "arch", "lr", "device", "recall_at"]):
+        assert re.search(rf"^{section}:\n  --{first}\b", text, flags=re.M), section
+    for flag, choices in [("arch", "resnet18,resnet34,resnet50,resnet101,resnet152"), ("amp", "auto,bf16,fp16,off"),
+                          ("device", "auto,cuda,mps,cpu"), ("pooling", "avg,gem"), ("ap_mode", "IR,integrate")]:
+        assert f"--{flag} {{{choices}}}" in text
+    assert "learning rate for a total batch of lr_batch_size images; scaled linearly" in flat
+
+
+def test_choice_flags_take_the_model_and_metric_tuples():
+    from arcface import metrics, model
+    choices = {a.dest: a.choices for a in config.arg_parser()._actions if a.choices}
+    assert choices["opt_arch"] == model.ARCHS and choices["opt_pooling"] == model.POOLINGS
+    assert choices["opt_ap_mode"] == metrics.AP_MODES
+
+
+@pytest.mark.parametrize("argv, compile, sync_bn, nesterov", [
+    (["--compile"], True, None, None),
+    (["--compile", "--sync-bn", "--nesterov", "false"], True, True, False),
+    (["--compile=no", "--sync_bn"], False, True, None),
+    (["--no-compile", "--no_sync_bn", "--no-nesterov"], False, False, False),
+    (["3", "--compile"], True, None, None),
+])
+def test_booleans_are_switches_and_still_take_a_value(argv, compile, sync_bn, nesterov):
+    args = config.arg_parser().parse_args(argv)
+    assert (args.opt_compile, args.opt_sync_bn, args.opt_nesterov) == (compile, sync_bn, nesterov)
+
+
+def test_a_number_after_a_boolean_switch_says_where_positionals_go(capsys):
+    with pytest.raises(SystemExit):
+        config.arg_parser().parse_args(["--compile", "5"])
+    assert "got '5' (put total_epochs and save_every before the flags)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("launcher, own_flag", [("single_gpu.py", None), ("multigpu.py", "--nprocs")])
+def test_launcher_help_keeps_its_usage_lines_as_written(launcher, own_flag):
+    proc = subprocess.run([sys.executable, launcher, "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "COLUMNS": "80"})
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    doc = ast.get_docstring(ast.parse((ROOT / launcher).read_text()), clean=False)
+    usage_lines = [line for line in doc.splitlines() if line.startswith("    ")]
+    assert usage_lines and all(line in lines for line in usage_lines)
+    assert all(f"{section}:" in lines for section in SECTIONS)
+    if own_flag:
+        assert any(line.startswith(f"  {own_flag} ") for line in lines)

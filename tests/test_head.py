@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from arcface.head import ArcFaceHead
+from arcface.head import ArcFaceHead, check_margin
 
 S = 64.0
 M = 0.5
@@ -150,6 +150,14 @@ def test_margin_file_errors_name_file_and_line(tmp_path, content, message):
     path.write_text(content)
     with pytest.raises(ValueError, match=message):
         ArcFaceHead(4, 2, margin=path)
+
+
+@pytest.mark.parametrize("value", [-0.1, math.pi, 4.0, float("nan"), float("inf")])
+def test_check_margin_refuses_values_outside_zero_to_pi_naming_the_place(value):
+    with pytest.raises(ValueError, match=r"^run\.toml:3: margin must be in \[0, pi\) radians"):
+        check_margin(value, "run.toml:3")
+    check_margin(0.0, "run.toml:3")
+    check_margin(math.nextafter(math.pi, 0.0), "run.toml:3")
 
 
 def test_margin_argument_errors(tmp_path):
