@@ -23,10 +23,13 @@ from typing import Any, Iterable, Sequence
 from arcface.head import check_margin
 from arcface.metrics import AP_MODES
 from arcface.model import ARCHS, POOLINGS
+from runtime import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration key or value that cannot be used; the message names the key."""
+
+    exit_status = 2  # argparse's status for a bad command line
 
 
 def _setting(default: Any, help: str, section: str | None = None) -> Any:
@@ -95,6 +98,9 @@ class Config:
     channels_last: bool = _setting(False, "channels-last memory format for images and weights")
     compile: bool = _setting(False, "torch.compile the model")
     sync_bn: bool = _setting(False, "SyncBatchNorm across processes (CUDA only)")
+    collective_timeout_s: float = _setting(
+        600.0, "seconds a process waits in a collective for the others before the job stops: a "
+        "frozen or lost process ends the run instead of hanging it")
 
     recall_at: tuple[int, ...] = _setting((1, 5), "K of each Recall@K (must hold 1: recall@1 picks the best "
                                           "epoch)", section="evaluation")
@@ -120,7 +126,7 @@ _CHOICES = {
 _POSITIVE = {
     "total_epochs", "save_every", "eval_every", "log_every", "synthetic_items", "synthetic_views",
     "synthetic_size", "resize", "crop", "batch_size", "eval_batch_size", "sub_centers",
-    "lr_batch_size", "grad_accum_steps", "lr", "scale", "max_image_pixels",
+    "lr_batch_size", "grad_accum_steps", "lr", "scale", "max_image_pixels", "collective_timeout_s",
 }
 _NON_NEGATIVE = {
     "num_workers", "embedding_dim", "margin", "momentum", "weight_decay", "warmup_epochs",
@@ -134,7 +140,7 @@ _AT_MOST = {
     "synthetic_items": 100_000, "synthetic_views": 1_000, "synthetic_size": 8192,
     "resize": 8192, "crop": 8192,
     "batch_size": 65_536, "eval_batch_size": 65_536, "lr_batch_size": 1_048_576, "grad_accum_steps": 65_536,
-    "num_workers": 256, "embedding_dim": 65_536, "sub_centers": 64,
+    "num_workers": 256, "embedding_dim": 65_536, "sub_centers": 64, "collective_timeout_s": 7 * 86_400,
     # Seeds stay within 32 bits: every generator takes them, with room for the per-epoch and
     # per-sample seeds derived from them.
     "seed": 2**32 - 1, "synthetic_seed": 2**32 - 1,

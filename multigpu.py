@@ -8,6 +8,7 @@ the processes. Without GPUs, `--nprocs N` runs N CPU processes with the gloo bac
 
 import os
 import sys
+from datetime import timedelta
 
 import torch
 import torch.multiprocessing as mp
@@ -28,7 +29,8 @@ def ddp_setup(rank: int, world_size: int, port: int, cfg: Config) -> torch.devic
         torch.cuda.set_device(device)
     else:  # processes share the CPU cores instead of each using them all
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    init_process_group(backend=runtime.backend_for(device), rank=rank, world_size=world_size)
+    init_process_group(backend=runtime.backend_for(device), rank=rank, world_size=world_size,
+                       timeout=timedelta(seconds=cfg.collective_timeout_s))
     return device
 
 

@@ -8,6 +8,7 @@ torchrun restarts all of them; the Trainer finds its snapshot and resumes where 
 
 import os
 import sys
+from datetime import timedelta
 
 import torch
 from torch.distributed import destroy_process_group, init_process_group
@@ -24,7 +25,8 @@ def ddp_setup(cfg: Config) -> torch.device:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     init_process_group(backend=runtime.backend_for(device), store=runtime.restart_safe_store(),
-                       rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+                       rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
+                       timeout=timedelta(seconds=cfg.collective_timeout_s))
     return device
 
 

@@ -12,6 +12,7 @@ device, no torchrun), ranks and the head node's address come from Slurm's enviro
 import os
 import socket
 import sys
+from datetime import timedelta
 
 import torch
 from torch.distributed import destroy_process_group, init_process_group
@@ -30,7 +31,8 @@ def ddp_setup(cfg: Config) -> torch.device:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     init_process_group(backend=runtime.backend_for(device), store=runtime.restart_safe_store(),
-                       rank=global_rank, world_size=int(os.environ["WORLD_SIZE"]))
+                       rank=global_rank, world_size=int(os.environ["WORLD_SIZE"]),
+                       timeout=timedelta(seconds=cfg.collective_timeout_s))
     if local_rank == 0:
         print(f"[{socket.gethostname()}] global rank {global_rank} of {os.environ['WORLD_SIZE']}, "
               f"local rank {local_rank} on {device}", flush=True)

@@ -237,8 +237,8 @@ class Trainer:
             torch.nan_to_num(loss.float(), nan=0.0, posinf=0.0, neginf=0.0),
             (~torch.isfinite(loss)).float(),
             # BatchNorm statistics do not enter the training loss: they can diverge while it stays
-            # finite, and only evaluation would notice. Their norms are a cheap check per step.
-            (~torch.isfinite(self._buffer_norms())).float(),
+            # finite, and only evaluation would notice. They are small: a cheap check per step.
+            (~torch.isfinite(self._buffer_maxima()).all()).float(),
             torch.tensor(float(self.stop_signal is not None), device=self.device),
         ])
         if self.world_size > 1:
@@ -250,9 +250,10 @@ class Trainer:
             self.stop_signal = signal.SIGTERM  # another rank was signalled: stop with it
         return loss_sum / self.world_size, bool(stop)
 
-    def _buffer_norms(self) -> torch.Tensor:
-        norms = [torch.linalg.vector_norm(b.float()) for b in self.raw_model.buffers() if b.is_floating_point()]
-        return torch.stack(norms).sum() if norms else torch.zeros((), device=self.device)
+    def _buffer_maxima(self) -> torch.Tensor:
+        """max |x| of every floating-point buffer: finite exactly when the buffer is (NaN propagates)."""
+        maxima = [b.detach().abs().amax() for b in self.raw_model.buffers() if b.is_floating_point() and b.numel()]
+        return torch.stack(maxima).float() if maxima else torch.zeros(1, device=self.device)
 
     def _first_non_finite(self) -> str | None:
         """The name of the first parameter or buffer holding a NaN or an infinity."""
@@ -281,6 +282,7 @@ class Trainer:
         cfg = self.cfg
         start = time.perf_counter()
         self._share_rank0_buffers()
+        self._check_weights_finite()  # NaN embeddings would end the run in the metrics, naming no epoch
         metrics = evaluate_loaders(
             self.raw_model.embed, self.query_loader, self.gallery_loader, device=self.device,
             recall_at=cfg.recall_at, map_at=cfg.map_at, ap_mode=cfg.ap_mode,

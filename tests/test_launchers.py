@@ -191,3 +191,34 @@ def test_multinode_two_agents_without_a_shared_file_system(tmp_path):
     assert holders
     final = max(holders, key=lambda d: len(lines(d)))
     check_complete_run(final, 4)
+
+
+def spawned_workers(launcher_pid: int) -> list[int]:
+    """mp.spawn's worker processes (not multiprocessing's resource tracker)."""
+    return [pid for pid in children(launcher_pid)
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+def test_a_frozen_worker_ends_the_job_after_collective_timeout_s(tmp_path, synthetic_dir):
+    cmd = [sys.executable, "multigpu.py", *smoke_args(tmp_path, synthetic_dir, epochs=12), "--nprocs", "2",
+           "--collective_timeout_s", "5"]
+    launcher = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    frozen = None
+    try:
+        wait_for(tmp_path / "snapshot.pt", launcher, timeout=180)
+        frozen = spawned_workers(launcher.pid)[-1]
+        os.kill(frozen, signal.SIGSTOP)
+        start = time.monotonic()
+        output, _ = launcher.communicate(timeout=150)
+        waited = time.monotonic() - start
+    finally:
+        if frozen is not None:
+            try:
+                os.kill(frozen, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        launcher.kill()
+    assert launcher.returncode == 1, output[-4000:]
+    assert "a collective operation failed" in output and "collective_timeout_s" in output, output[-4000:]
+    assert "Traceback" not in output, output[-4000:]
+    assert waited < 5 + 30 + 60  # the timeout, mp.spawn's grace period before SIGKILL, slack for a busy CPU

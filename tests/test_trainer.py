@@ -281,9 +281,30 @@ def test_non_finite_loss_stops_naming_epoch_and_step(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(t.raw_model, "forward", poisoned)
-    with pytest.raises(FloatingPointError, match="epoch 2 step 5"):
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at epoch 2 step 5: .*the last good snapshot "
+                                                 r"\(after epoch 1\) is kept"):
         t.train()
     assert load_snapshot(tmp_path / "snapshot.pt")["epochs_run"] == 1  # the last good one
+
+
+def test_divergence_with_a_finite_loss_stops_where_it_arises_and_saves_nothing(tmp_path):
+    # ArcFace normalises features and weights, so its loss stays finite while BatchNorm's running
+    # statistics run off to infinity; only evaluation would have noticed.
+    t = toy_trainer(toy_config(tmp_path, lr=1e6), batch_norm=True)
+    with pytest.raises(FloatingPointError, match=r"non-finite BatchNorm statistics \(norm.running_var\) at epoch 1 "
+                                                 r"step \d+: .*no snapshot had been saved yet"):
+        t.train()
+    assert not (tmp_path / "snapshot.pt").exists()
+
+
+def test_no_snapshot_is_saved_with_non_finite_weights(tmp_path):
+    t = toy_trainer(toy_config(tmp_path, total_epochs=2))
+    t.train()
+    with torch.no_grad():
+        t.raw_model.embedding.weight[0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match=r"non-finite weights \(embedding.weight\) after epoch 2"):
+        t._save_snapshot()
+    assert torch.isfinite(load_snapshot(tmp_path / "snapshot.pt")["model"]["embedding.weight"]).all()
 
 
 def test_gradient_accumulation_equals_the_large_batch(tmp_path):
