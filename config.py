@@ -90,7 +90,12 @@ class Config:
     warmup_epochs: float = _setting(0.5, "epochs of linear warm-up (fractions allowed)")
     warmup_factor: float = _setting(0.01, "warm-up starts at warmup_factor * lr")
     min_lr: float = _setting(0.0, "cosine annealing ends here")
-    grad_accum_steps: int = _setting(1, "batches whose gradients add up to one optimizer step")
+    global_batch_size: int = _setting(
+        0, "images per optimizer step over all processes; 0 means batch_size x processes x "
+        "grad_accum_steps. When set, the micro-batches per step are derived from it, so the data "
+        "order, the schedule and the result do not depend on the number of processes")
+    grad_accum_steps: int = _setting(1, "batches whose gradients add up to one optimizer step "
+                                     "(derived when global_batch_size is set)")
     clip_grad_norm: float = _setting(0.0, "largest gradient norm; 0 disables clipping")
 
     device: str = _setting("auto", "auto takes cuda, else mps, else cpu", section="hardware and speed")
@@ -129,7 +134,7 @@ _POSITIVE = {
     "lr_batch_size", "grad_accum_steps", "lr", "scale", "max_image_pixels", "collective_timeout_s",
 }
 _NON_NEGATIVE = {
-    "num_workers", "embedding_dim", "margin", "momentum", "weight_decay", "warmup_epochs",
+    "num_workers", "embedding_dim", "global_batch_size", "margin", "momentum", "weight_decay", "warmup_epochs",
     "warmup_factor", "min_lr", "clip_grad_norm", "seed", "synthetic_seed",
 }
 # Upper bounds far past any real job (the reference recipe: 50 epochs, 512 px, 32 images per
@@ -140,6 +145,7 @@ _AT_MOST = {
     "synthetic_items": 100_000, "synthetic_views": 1_000, "synthetic_size": 8192,
     "resize": 8192, "crop": 8192,
     "batch_size": 65_536, "eval_batch_size": 65_536, "lr_batch_size": 1_048_576, "grad_accum_steps": 65_536,
+    "global_batch_size": 1_048_576,
     "num_workers": 256, "embedding_dim": 65_536, "sub_centers": 64, "collective_timeout_s": 7 * 86_400,
     # Seeds stay within 32 bits: every generator takes them, with room for the per-epoch and
     # per-sample seeds derived from them.
@@ -187,6 +193,12 @@ def _validate(cfg: Config) -> None:
         check_margin(cfg.margin, "margin")
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    if cfg.global_batch_size and cfg.grad_accum_steps != 1:
+        raise ConfigError(f"grad_accum_steps: derived from global_batch_size ({cfg.global_batch_size}) when it "
+                          f"is set; leave it at 1, got {cfg.grad_accum_steps}")
+    if cfg.global_batch_size % cfg.batch_size:
+        raise ConfigError(f"global_batch_size: expected a multiple of batch_size ({cfg.batch_size}), "
+                          f"got {cfg.global_batch_size}")
     if cfg.warmup_epochs > cfg.total_epochs:
         raise ConfigError(f"warmup_epochs: expected at most total_epochs ({cfg.total_epochs}), got {cfg.warmup_epochs}")
 

@@ -1,23 +1,27 @@
 """The job's data: its data sets (In-Shop or the generated demo set) and the training loader.
 
-`prepare_dataloader` keeps the PyTorch DDP tutorial's name; its sampler shards every epoch over
-the processes, resumes in the middle of one, and seeds each sample's augmentation.
+`prepare_dataloader` keeps the PyTorch DDP tutorial's name; its sampler shards every step over
+the processes the same way at any world size, resumes in the middle of an epoch, and seeds each
+sample's augmentation.
 """
 
 from __future__ import annotations
 
 import fcntl
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 import runtime
 from arcface.inshop import InShop
 from arcface.synthetic import GENERATOR_VERSION, generate_inshop
 from arcface.transforms import test_transform, train_transform
 from config import Config
+
+if TYPE_CHECKING:
+    from job import Schedule
 
 
 def load_datasets(cfg: Config) -> tuple[InShop, InShop, InShop]:
@@ -53,30 +57,53 @@ def synthetic_root(cfg: Config) -> Path:
     return root
 
 
-class EpochSampler(DistributedSampler):
-    """A DistributedSampler that also serves a single process, resumes mid-epoch, and seeds samples.
+class EpochSampler(Sampler[tuple[int, int]]):
+    """The job's order of samples, cut into optimizer steps and micro-batches; this process's share.
+
+    Each epoch is one permutation of the data set (seeded by seed + epoch). Optimizer step `s`
+    takes its next `global batch` samples, which form `world_size x grad_accum_steps` micro-batches
+    of `batch_size` samples ("virtual ranks"): micro-batch `v` takes every V-th sample of the step,
+    and process `r` computes micro-batches `a * world_size + r`, a = 0 .. grad_accum_steps - 1.
+    Which samples a step holds and how they are grouped therefore depend on (seed, epoch, global
+    batch, batch_size) only, not on how many processes share the work: 2 processes x 1 micro-batch
+    and 1 process x 2 micro-batches compute the same gradients, and a run stopped after step `s`
+    resumes there on any number of processes. (With one micro-batch per step this is exactly
+    DistributedSampler's sharding.) The last samples of an epoch that fill no whole step are left out.
 
     It yields `(index, sample_seed)` pairs; `SeededDataset` seeds each sample's augmentation with
-    them. A sample's crop and flip then depend only on (seed, epoch, index), not on the number of
-    loader workers or processes, so a resumed run sees exactly the images an uninterrupted one would.
+    them, so a sample's crop and flip depend only on (seed, epoch, index).
     """
 
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int = 0):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
-                         drop_last=False)
-        self.start = 0  # samples of this rank to skip in the current epoch (mid-epoch resume)
+    def __init__(self, num_samples: int, world_size: int, rank: int, batch_size: int,
+                 grad_accum_steps: int = 1, seed: int = 0) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in a job of {world_size} processes")
+        self.num_samples = num_samples
+        self.world_size, self.rank = world_size, rank
+        self.batch_size, self.grad_accum_steps = batch_size, grad_accum_steps
+        self.global_batch = batch_size * world_size * grad_accum_steps
+        self.steps = num_samples // self.global_batch
+        self.seed = seed
+        self.epoch = 0
+        self.start_step = 0  # steps of the current epoch already done (a mid-epoch resume)
 
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        super().set_epoch(epoch)
-        self.start = start
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        indices = list(super().__iter__())[self.start:]
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.num_samples, generator=g).tolist()
         base = (self.seed * 1_000_003 + self.epoch) * 1_000_000_007
-        return iter([(i, (base + i) % (2**63)) for i in indices])
+        micro_batches = self.world_size * self.grad_accum_steps
+        for step in range(self.start_step, self.steps):
+            samples = order[step * self.global_batch:(step + 1) * self.global_batch]
+            for a in range(self.grad_accum_steps):
+                for index in samples[a * self.world_size + self.rank::micro_batches]:
+                    yield index, (base + index) % (2**63)
 
     def __len__(self) -> int:
-        return self.num_samples - self.start
+        return (self.steps - self.start_step) * self.grad_accum_steps * self.batch_size
 
 
 class SeededDataset(Dataset):
@@ -97,18 +124,19 @@ class SeededDataset(Dataset):
             return self.dataset[index]
 
 
-def prepare_dataloader(dataset: Dataset, batch_size: int, num_workers: int = 0, seed: int = 0,
+def prepare_dataloader(dataset: Dataset, schedule: Schedule, num_workers: int = 0, seed: int = 0,
                        pin_memory: bool | None = None) -> DataLoader:
-    """A training loader: this process's shard of every epoch (DistributedSampler-style), full batches.
+    """A training loader: this process's micro-batches of every step of the schedule (EpochSampler).
 
     pin_memory defaults to "when CUDA is there": page-locked batches copy to the GPU asynchronously.
     """
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
-    sampler = EpochSampler(dataset, runtime.world_size(), runtime.global_rank(), seed=seed)
+    sampler = EpochSampler(len(dataset), schedule.world_size, runtime.global_rank(), schedule.batch_size,
+                           schedule.grad_accum_steps, seed=seed)
     return DataLoader(
         SeededDataset(dataset),
-        batch_size=batch_size,
+        batch_size=schedule.batch_size,
         sampler=sampler,
         num_workers=num_workers,
         pin_memory=pin_memory,

@@ -8,7 +8,6 @@ sampler position and the snapshots read them from there.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,18 +79,32 @@ def pretrained_summary(source: str, report: BackboneLoadReport) -> str:
 
 
 def make_schedule(cfg: Config, num_train: int, world_size: int | None = None) -> Schedule:
-    """The run's optimizer steps for `world_size` processes (default: the process group's)."""
+    """The run's optimizer steps for `world_size` processes (default: the process group's).
+
+    With global_batch_size set, the micro-batches per step are derived from it, so the steps, their
+    samples and the learning rates do not depend on the number of processes.
+    """
     world = runtime.world_size() if world_size is None else world_size
-    steps = steps_per_epoch(num_train, world, cfg.batch_size, cfg.grad_accum_steps)
+    accum = cfg.grad_accum_steps
+    if cfg.global_batch_size:
+        per_round = cfg.batch_size * world
+        if cfg.global_batch_size % per_round:
+            raise ConfigError(
+                f"global_batch_size: {cfg.global_batch_size} is not a multiple of batch_size "
+                f"{cfg.batch_size} x {world} processes = {per_round}; give a batch_size whose product "
+                f"with {world} divides {cfg.global_batch_size}")
+        accum = cfg.global_batch_size // per_round
+    global_batch = cfg.batch_size * world * accum
+    steps = steps_per_epoch(num_train, global_batch)
     if steps == 0:
         raise ConfigError(
-            f"batch_size: {num_train} training images are too few for batch_size {cfg.batch_size} "
-            f"x {world} processes x grad_accum_steps {cfg.grad_accum_steps}"
+            f"batch_size: {num_train} training images are too few for one step of {global_batch} "
+            f"(batch_size {cfg.batch_size} x {world} processes x {accum} micro-batches)"
         )
     # Linear scaling rule: lr is given for a total batch of lr_batch_size images.
-    base_lr = cfg.lr * cfg.batch_size * world * cfg.grad_accum_steps / cfg.lr_batch_size
+    base_lr = cfg.lr * global_batch / cfg.lr_batch_size
     lrs = lr_schedule(base_lr, cfg.total_epochs, steps, cfg.warmup_epochs, cfg.warmup_factor, cfg.min_lr)
-    return Schedule(cfg.batch_size, world, cfg.grad_accum_steps, steps, base_lr, lrs)
+    return Schedule(cfg.batch_size, world, accum, steps, base_lr, lrs)
 
 
 def make_optimizer(cfg: Config, model: nn.Module, schedule: Schedule) -> torch.optim.Optimizer:
@@ -100,10 +113,9 @@ def make_optimizer(cfg: Config, model: nn.Module, schedule: Schedule) -> torch.o
                            weight_decay=cfg.weight_decay, nesterov=cfg.nesterov and cfg.momentum > 0)
 
 
-def steps_per_epoch(num_samples: int, world_size: int, batch_size: int, grad_accum_steps: int = 1) -> int:
-    """Optimizer steps per epoch: each process sees ceil(N / world) samples in full batches only."""
-    batches = math.ceil(num_samples / world_size) // batch_size
-    return batches // grad_accum_steps
+def steps_per_epoch(num_samples: int, global_batch: int) -> int:
+    """Optimizer steps per epoch: whole steps only (EpochSampler leaves the rest of the epoch out)."""
+    return num_samples // global_batch
 
 
 def lr_schedule(base_lr: float, epochs: int, steps_per_epoch: int, warmup_epochs: float,

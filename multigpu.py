@@ -39,7 +39,7 @@ def main(rank: int, world_size: int, port: int, cfg: Config) -> None:
     device = ddp_setup(rank, world_size, port, cfg)
     try:
         objs = load_train_objs(cfg)
-        train_data = prepare_dataloader(objs.train_set, cfg.batch_size, cfg.num_workers, cfg.seed)
+        train_data = prepare_dataloader(objs.train_set, objs.schedule, cfg.num_workers, cfg.seed)
         trainer = Trainer(cfg, objs.model, train_data, objs.optimizer, objs.schedule,
                           objs.query_set, objs.gallery_set, device)
         code = trainer.train()

@@ -44,7 +44,7 @@ def main(cfg: Config) -> int:
     device = ddp_setup(cfg)
     try:
         objs = load_train_objs(cfg)
-        train_data = prepare_dataloader(objs.train_set, cfg.batch_size, cfg.num_workers, cfg.seed)
+        train_data = prepare_dataloader(objs.train_set, objs.schedule, cfg.num_workers, cfg.seed)
         trainer = Trainer(cfg, objs.model, train_data, objs.optimizer, objs.schedule,
                           objs.query_set, objs.gallery_set, device)
         return trainer.train()

@@ -39,7 +39,9 @@ RUN_IDENTITY = ("arch", "pooling", "embedding_dim", "sub_centers", "data_root",
 # change would make config.toml describe a run that never happened.
 RESUMABLE = ("total_epochs", "save_every", "eval_every", "log_every", "out_dir", "snapshot",
              "synthetic_dir", "num_workers", "eval_batch_size", "device", "amp", "channels_last",
-             "compile", "recall_at", "map_at", "ap_mode", "max_image_pixels", "collective_timeout_s")
+             "compile", "recall_at", "map_at", "ap_mode", "max_image_pixels", "collective_timeout_s",
+             # How a step's batch is split (the global batch is checked on its own, below).
+             "batch_size", "grad_accum_steps", "global_batch_size")
 # Fields holding paths: compared by the file they name, not by how it is spelled.
 PATH_FIELDS = ("data_root", "margin_file", "pretrained", "out_dir", "snapshot", "synthetic_dir")
 
@@ -146,9 +148,10 @@ def snapshot_position(path: Path) -> tuple[int, int] | None:
 
 
 def check_snapshot(snapshot: dict[str, Any], path: Path, cfg: Config, num_classes: int,
-                   steps_per_epoch: int) -> dict[str, tuple[Any, Any]]:
+                   steps_per_epoch: int, global_batch: int) -> dict[str, tuple[Any, Any]]:
     """Raises SnapshotError / SnapshotMismatch when this run cannot continue `snapshot`; returns
-    the settings it changes, {field: (snapshot's value, this run's)}, all of them RESUMABLE."""
+    the settings it changes, {field: (snapshot's value, this run's)}, all of them RESUMABLE, and
+    "global_batch" when the images per step change (at an epoch's end only)."""
     if snapshot.get("format_version") != SNAPSHOT_VERSION:
         raise SnapshotError(f"{path}: snapshot format {snapshot.get('format_version')!r}, "
                             f"expected {SNAPSHOT_VERSION}")
@@ -175,7 +178,17 @@ def check_snapshot(snapshot: dict[str, Any], path: Path, cfg: Config, num_classe
     if snapshot["step_in_epoch"] >= snapshot["steps_per_epoch"]:
         raise SnapshotError(f"{path}: step {snapshot['step_in_epoch']} is not inside an epoch of "
                             f"{snapshot['steps_per_epoch']} steps; the snapshot is damaged")
-    if snapshot["step_in_epoch"] and snapshot["steps_per_epoch"] != steps_per_epoch:
+    saved_batch = snapshot.get("global_batch")  # absent from snapshots of older versions
+    if saved_batch is not None and saved_batch != global_batch:
+        if snapshot["step_in_epoch"]:
+            raise SnapshotMismatch(
+                f"{path} stopped in the middle of an epoch of steps of {saved_batch} images, but this "
+                f"run's steps have {global_batch} (batch_size x processes x grad_accum_steps). Resume "
+                f"with --global_batch_size {saved_batch} (any number of processes whose batch_size "
+                f"product divides it), or from a snapshot at an epoch's end."
+            )
+        changed["global_batch"] = (saved_batch, global_batch)
+    elif snapshot["step_in_epoch"] and snapshot["steps_per_epoch"] != steps_per_epoch:
         raise SnapshotMismatch(
             f"{path} stopped in the middle of an epoch of {snapshot['steps_per_epoch']} steps, but "
             f"this run has {steps_per_epoch} steps per epoch (another batch size or world size). "

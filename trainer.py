@@ -173,7 +173,7 @@ class Trainer:
         """Trains to the end of the epoch, or to the step at which every rank agreed to stop."""
         cfg = self.cfg
         accum = self.schedule.grad_accum_steps
-        self.train_data.sampler.set_epoch(epoch, start=self.step_in_epoch * accum * self.schedule.batch_size)
+        self.train_data.sampler.set_epoch(epoch, start_step=self.step_in_epoch)
         self.raw_model.train()
         bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, disable=not self.is_main,
                    desc=f"epoch {epoch + 1}/{cfg.total_epochs}", dynamic_ncols=True,
@@ -193,7 +193,7 @@ class Trainer:
             self.step_in_epoch += 1
             loss, stop = self._agree_on_step(micro_loss / accum)
             micro_loss = torch.zeros((), device=self.device)
-            loss_sum, steps, images = loss_sum + loss, steps + 1, images + accum * len(source) * self.world_size
+            loss_sum, steps, images = loss_sum + loss, steps + 1, images + self.schedule.global_batch
             bar.update(1)
             if steps % cfg.log_every == 0:
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}",
@@ -370,6 +370,7 @@ class Trainer:
             "epochs_run": self.epochs_run,
             "step_in_epoch": self.step_in_epoch,
             "steps_per_epoch": self.steps_per_epoch,
+            "global_batch": self.schedule.global_batch,  # steps are the same at any world size with it
             "num_classes": self._num_classes(),
             "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.cfg).items()},
             "history": self.history,
@@ -387,7 +388,8 @@ class Trainer:
         snapshot = fetch_newest_snapshot(self.snapshot_path, self.device)
         if snapshot is None:
             return {}
-        changes = check_snapshot(snapshot, self.snapshot_path, self.cfg, self._num_classes(), self.steps_per_epoch)
+        changes = check_snapshot(snapshot, self.snapshot_path, self.cfg, self._num_classes(), self.steps_per_epoch,
+                                 self.schedule.global_batch)
         # Tensors arrive on the CPU and are copied into the model's device by load_state_dict,
         # which avoids holding a second copy of the weights on the accelerator.
         self.raw_model.load_state_dict(snapshot["model"], strict=True)

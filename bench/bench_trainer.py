@@ -72,7 +72,7 @@ class BatchLoader:
         self.batches = batches
         self.sampler = self
 
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         pass  # the same batches every epoch: only their cost matters here
 
     def __iter__(self) -> Iterator[Batch]:
@@ -159,7 +159,7 @@ class CpuSeededDataset(SeededDataset):
 
 def step_costs(trainer: Trainer, dataset: TensorDataset, args: argparse.Namespace) -> dict[str, float]:
     """Microseconds per optimizer step of each thing the Trainer adds to a bare step."""
-    loader = prepare_dataloader(dataset, args.batch_size, num_workers=0, seed=0)
+    loader = prepare_dataloader(dataset, trainer.schedule, num_workers=0, seed=0)
     loader.sampler.set_epoch(0)
     cpu_seeded_loader = DataLoader(CpuSeededDataset(dataset), batch_size=args.batch_size,
                                    sampler=loader.sampler, drop_last=True)
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = bench_config(args, out_dir)
         schedule = make_schedule(cfg, len(dataset))
         optimizer = make_optimizer(cfg, model, schedule)
-        loader = prepare_dataloader(dataset, args.batch_size, num_workers=0, seed=cfg.seed)
+        loader = prepare_dataloader(dataset, schedule, num_workers=0, seed=cfg.seed)
         trainer = Trainer(cfg, model, loader, optimizer, schedule, dataset, dataset, torch.device("cpu"))
         epochs = iter(range(cfg.total_epochs))
         batch_loader = BatchLoader(batches)

@@ -73,26 +73,61 @@ def test_load_train_objs_loads_pretrained_weights_and_says_what_it_left_out(tmp_
 
 
 def test_steps_per_epoch_matches_loader_length():
-    for n, world, batch in [(64, 1, 8), (65, 2, 4), (7, 2, 3), (100, 3, 7)]:
-        ds = MyTrainDataset(n)
-        lengths = {len(torch.utils.data.DataLoader(ds, batch_size=batch, drop_last=True,
-                                                   sampler=EpochSampler(ds, world, r))) for r in range(world)}
-        assert lengths == {steps_per_epoch(n, world, batch)}
+    for n, world, batch, accum in [(64, 1, 8, 1), (65, 2, 4, 1), (7, 2, 3, 1), (100, 3, 7, 2), (63, 2, 4, 1)]:
+        lengths = {len(torch.utils.data.DataLoader(range(n), batch_size=batch, drop_last=True,
+                                                   sampler=EpochSampler(n, world, r, batch, accum))) for r in range(world)}
+        assert lengths == {steps_per_epoch(n, world * batch * accum) * accum}
 
 
-def test_sampler_shards_cover_the_epoch_and_resume_mid_epoch():
-    ds = MyTrainDataset(10)
-    shards = [EpochSampler(ds, 2, r, seed=3) for r in range(2)]
-    for s in shards:
-        s.set_epoch(5)
-    keys = [list(s) for s in shards]
-    assert sorted(i for k in keys for i, _ in k) == list(range(10))
-    # the seed of a sample depends on (seed, epoch, index) only, not on the rank
-    one = EpochSampler(ds, 1, 0, seed=3)
-    one.set_epoch(5)
-    assert dict(list(one)) == dict(keys[0] + keys[1])
-    shards[0].set_epoch(5, start=2)
-    assert list(shards[0]) == keys[0][2:] and len(shards[0]) == 3
+def _micro_batches(n: int, world: int, accum: int, batch: int, epoch: int = 5, start_step: int = 0) -> list:
+    """[step][micro-batch v] -> list of (index, seed), gathered from every rank's sampler."""
+    samplers = [EpochSampler(n, world, r, batch, accum, seed=3) for r in range(world)]
+    for s in samplers:
+        s.set_epoch(epoch, start_step)
+    per_rank = [list(s) for s in samplers]
+    steps = []
+    for step in range(len(per_rank[0]) // (accum * batch)):
+        micro = {}
+        for r, keys in enumerate(per_rank):
+            for a in range(accum):
+                start = (step * accum + a) * batch
+                micro[a * world + r] = keys[start:start + batch]
+        steps.append([micro[v] for v in sorted(micro)])
+    return steps
+
+
+def test_the_micro_batches_of_a_step_do_not_depend_on_how_many_processes_share_them():
+    # 2 processes x 1 micro-batch and 1 x 2, at the same global and per-process batch
+    reference = _micro_batches(50, world=2, accum=1, batch=4)
+    assert _micro_batches(50, world=1, accum=2, batch=4) == reference
+    assert len(reference) == 50 // 8 and all(len(step) == 2 for step in reference)
+    wide = _micro_batches(50, world=4, accum=1, batch=2)
+    assert _micro_batches(50, world=2, accum=2, batch=2) == wide == _micro_batches(50, world=1, accum=4, batch=2)
+    # every step's samples are those of the global order, each once in an epoch
+    flat = [i for step in reference for micro in step for i, _ in micro]
+    assert len(flat) == len(set(flat)) == 48
+    # a resume after step 3 on another number of processes continues with step 4
+    assert _micro_batches(50, world=1, accum=2, batch=4, start_step=3) == reference[3:]
+
+
+def test_one_micro_batch_per_step_is_distributed_samplers_sharding():
+    ds = MyTrainDataset(40)
+    for world in (1, 2):
+        for rank in range(world):
+            ours = EpochSampler(40, world, rank, batch_size=4, seed=3)
+            theirs = torch.utils.data.DistributedSampler(ds, world, rank, shuffle=True, seed=3)
+            ours.set_epoch(2), theirs.set_epoch(2)
+            assert [i for i, _ in ours] == list(theirs)[:len(ours)]
+
+
+def test_sample_seeds_depend_on_seed_epoch_and_index_only():
+    one, two = EpochSampler(10, 1, 0, 2, seed=3), EpochSampler(10, 2, 1, 1, seed=3)
+    one.set_epoch(5), two.set_epoch(5)
+    seeds = dict(one)
+    assert all(seeds[i] == s for i, s in two)
+    one.set_epoch(6)
+    assert dict(one) != seeds
+
 
 
 # ---------------------------------------------------------------------------------------

@@ -69,7 +69,7 @@ def toy_trainer(cfg: Config, train_size: int = 64, batch_norm: bool = False) -> 
     train_set = MyTrainDataset(train_size, seed=1, split=0)
     query_set, gallery_set = toy_eval_sets()
     schedule = make_schedule(cfg, len(train_set))
-    loader = prepare_dataloader(train_set, cfg.batch_size, cfg.num_workers, cfg.seed)
+    loader = prepare_dataloader(train_set, schedule, cfg.num_workers, cfg.seed)
     return Trainer(cfg, model, loader, make_optimizer(cfg, model, schedule), schedule, query_set, gallery_set,
                    torch.device("cpu"))
 
