@@ -222,3 +222,34 @@ def test_a_frozen_worker_ends_the_job_after_collective_timeout_s(tmp_path, synth
     assert "a collective operation failed" in output and "collective_timeout_s" in output, output[-4000:]
     assert "Traceback" not in output, output[-4000:]
     assert waited < 5 + 30 + 60  # the timeout, mp.spawn's grace period before SIGKILL, slack for a busy CPU
+
+
+def _relative_differences(a: dict, b: dict) -> dict[str, float]:
+    import torch
+
+    return {k: float((a[k].float() - b[k].float()).norm() / b[k].float().norm().clamp(min=1e-12))
+            for k in b if b[k].is_floating_point() and "running" not in k}
+
+
+def test_a_two_process_run_stopped_mid_epoch_resumes_under_single_gpu(tmp_path, synthetic_dir):
+    import torch
+
+    batch = ["--global_batch_size", "16", "--batch_size", "8"]
+    full = tmp_path / "full"
+    run([sys.executable, "multigpu.py", *smoke_args(full, synthetic_dir, epochs=6), "--nprocs", "2", *batch])
+    stopped = tmp_path / "stopped"
+    cmd = [sys.executable, "multigpu.py", *smoke_args(stopped, synthetic_dir, epochs=6), "--nprocs", "2", *batch]
+    launcher = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(stopped / "snapshot.pt", launcher, timeout=180)
+        launcher.send_signal(signal.SIGTERM)
+        output, _ = launcher.communicate(timeout=120)
+    finally:
+        launcher.kill()
+    assert launcher.returncode == 128 + signal.SIGTERM, output[-4000:]
+    resumed = run([sys.executable, "single_gpu.py", *smoke_args(stopped, synthetic_dir, epochs=6), *batch])
+    assert "resuming from snapshot" in resumed.stdout
+    check_complete_run(stopped, 6)
+    load = lambda d: torch.load(d / "snapshot.pt", weights_only=True)["model"]
+    differences = _relative_differences(load(stopped), load(full))
+    assert max(differences.values()) < 1e-3, sorted(differences.items(), key=lambda kv: -kv[1])[:3]
