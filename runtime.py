@@ -11,6 +11,7 @@ import functools
 import multiprocessing
 import multiprocessing.util
 import os
+import re
 import signal
 import socket
 import sys
@@ -44,11 +45,22 @@ def one_line_errors(main: _Main) -> _Main:
     def run(*args: Any, **kwargs: Any) -> Any:
         try:
             return main(*args, **kwargs)
-        except (UserError, OSError, dist.DistError) as error:
+        except (UserError, OSError, RuntimeError) as error:
+            if isinstance(error, RuntimeError) and not isinstance(error, UserError) and not collective_failed(error):
+                raise  # a bug: its traceback is wanted
             rank = f"[rank {global_rank()}] " if world_size() > 1 else ""
             print(f"error: {rank}{user_message(error)}", file=sys.stderr, flush=True)
             sys.exit(getattr(error, "exit_status", 1))
     return run  # type: ignore[return-value]
+
+
+# How gloo and NCCL word a peer that stopped answering, when DDP's reducer raises a plain RuntimeError.
+_COLLECTIVE_FAILURES = ("third_party/gloo", "NCCL", "Timed out waiting", "Connection closed by peer",
+                        "Connection reset by peer")
+
+
+def collective_failed(error: BaseException) -> bool:
+    return isinstance(error, dist.DistError) or any(marker in str(error) for marker in _COLLECTIVE_FAILURES)
 
 
 def user_message(error: BaseException) -> str:
@@ -58,8 +70,9 @@ def user_message(error: BaseException) -> str:
     if "Original Traceback" in text:
         last = text.splitlines()[-1]
         text = last.split(": ", 1)[1] if ": " in last else last
-    if isinstance(error, dist.DistError):
+    if not isinstance(error, UserError) and collective_failed(error):
         first = text.splitlines()[0] if text else type(error).__name__
+        first = re.sub(r"^\[[^\]]*\] ", "", first)  # the backend's source location
         return (f"a collective operation failed ({first}): another process of the job stopped, "
                 f"died or is stuck; collective_timeout_s bounds the wait")
     lines = text.splitlines()
