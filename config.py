@@ -18,6 +18,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Sequence
 
+from arcface.textfile import DataError, read_text
+
 
 class ConfigError(ValueError):
     """A configuration key or value that cannot be used; the message names the key."""
@@ -182,10 +184,13 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     """Reads a flat TOML file of Config fields; unknown keys and wrong types name the file and key."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            raw = tomllib.load(f)
+        # Decoded here rather than by tomllib, so that a byte that is not UTF-8 is reported with
+        # its line; tomllib's own message would name neither.
+        raw = tomllib.loads(read_text(path))
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except DataError as e:
+        raise ConfigError(str(e)) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     known = set(_field_types())

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from arcface.textfile import read_text
+
 # Lower bound for 1 - cos^2 under the square root: sqrt has an infinite slope at 0, which would
 # turn exact cos = +-1 (a feature parallel to a weight row) into NaN gradients. At 1e-12 the
 # value error is sqrt(1e-12) * sin(m) < 1e-6, far below float32 logit noise at s = 64.
@@ -184,8 +186,7 @@ def load_margins(
 
 def _read_margin_file(path: str | os.PathLike, num_classes: int) -> list[float]:
     """One float per line, line i for class i-1; blank lines are not allowed in between."""
-    with open(path, encoding="utf-8") as file:
-        lines = file.read().splitlines()
+    lines = read_text(path).split("\n")  # newlines only, so line numbers are an editor's
     while lines and not lines[-1].strip():
         lines.pop()  # a trailing newline or two is not a missing class
     values = []

@@ -135,3 +135,11 @@ def test_existing_paths_pass(tmp_path):
     cfg = Config(data_root=str(tmp_path), margin_file=str(tmp_path / "margins.txt"), pretrained="imagenet",
                  out_dir=str(tmp_path / "new" / "run"), recall_at=(5, 1))
     config.check_paths(cfg)
+
+
+def test_a_toml_file_that_is_not_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_bytes(b"lr = 0.1\n# r\xe9glages\nbatch_size = 8\n")  # a Latin-1 comment
+    with pytest.raises(ConfigError) as caught:
+        config.load_toml(path)
+    assert str(caught.value) == f"{path}:2: not UTF-8 text (byte 0xE9 at column 4)"

@@ -314,3 +314,16 @@ def test_far_from_dominant_on_constructed_example():
     assert torch.equal(flagged, expected)
     loose = head.far_from_dominant(features, labels, threshold_deg=95.0)
     assert torch.equal(loose, torch.tensor([False] * 8 + [True]))
+
+
+def test_margin_file_that_is_not_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "margins.txt"
+    path.write_bytes(b"0.1\n0.2 \xb0\n")  # a Latin-1 degree sign
+    with pytest.raises(ValueError, match=r"margins\.txt:2: not UTF-8 text \(byte 0xB0 at column 5\)"):
+        ArcFaceHead(4, 2, margin=path)
+
+
+def test_margin_file_with_a_byte_order_mark_and_crlf(tmp_path):
+    path = tmp_path / "margins.txt"
+    path.write_bytes(b"\xef\xbb\xbf0.1\r\n0.7\r\n")  # as Windows Notepad saves it
+    assert ArcFaceHead(4, 2, margin=path).margin.tolist() == pytest.approx([0.1, 0.7])

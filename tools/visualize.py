@@ -22,6 +22,7 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from arcface.textfile import read_text
 from tools.common import atomic_output, run_cli
 
 # Grid geometry in pixels. A cell is a thumbnail inside a border, with a caption line below it.
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 def read_results(path: str | Path) -> list[dict[str, Any]]:
     """The "results" list of a tools/search.py JSON file, checked for the keys the grid uses."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(read_text(path))
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such results file (write one with tools/search.py --json)") from None
     except json.JSONDecodeError as error:
@@ -165,7 +166,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such metrics file (a run writes <out_dir>/metrics.jsonl)")
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(read_text(path).split("\n"), start=1):
         if not line.strip():
             continue
         try:
