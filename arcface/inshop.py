@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from arcface.textfile import DataError, read_text
-from arcface.transforms import load_image
+from arcface.transforms import MAX_IMAGE_PIXELS, check_max_pixels, load_image
 
 SPLITS = ("train", "query", "gallery")
 HEADER = ("image_name", "item_id", "evaluation_status")
@@ -162,7 +162,8 @@ class InShop(Dataset):
     Train labels are the train items numbered 0..num_classes-1 in order of first appearance.
     Query and gallery share one numbering built from the query and gallery rows, so a query and a
     gallery image have the same label exactly when they show the same item. ``item_ids[label]``
-    is the item id of a label.
+    is the item id of a label. ``max_pixels`` is passed on to `load_image`: an image whose header
+    claims more pixels is refused before it is decoded.
     """
 
     def __init__(
@@ -171,9 +172,12 @@ class InShop(Dataset):
         split: str,
         transform: Callable[[Any], Any] | None = None,
         check_files: bool = True,
+        max_pixels: int = MAX_IMAGE_PIXELS,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split={split!r}: expected one of {', '.join(SPLITS)}")
+        check_max_pixels(max_pixels)
+        self.max_pixels = max_pixels
         self.root = Path(root)
         self.split = split
         self.transform = transform
@@ -208,7 +212,7 @@ class InShop(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         path, label = self.samples[index]
-        image = load_image(path)
+        image = load_image(path, self.max_pixels)
         if self.transform is not None:
             image = self.transform(image)
         return image, label

@@ -300,3 +300,13 @@ def test_many_missing_images_are_summarised_on_one_line(tmp_path: Path):
     assert "\n" not in message
     assert message.endswith(f"{', '.join(paths[:5])} and 2 more")
 
+
+def test_max_pixels_is_passed_on_to_the_decoder(tmp_path: Path):
+    root = generate_inshop(tmp_path / "set", items=4, views=2, size=32, seed=0)
+    with pytest.raises(ValueError, match="max_pixels"):
+        InShop(root, "train", max_pixels=0)
+    data = InShop(root, "train", max_pixels=32 * 32 - 1)
+    with pytest.raises(OSError) as caught:
+        data[0]
+    assert str(caught.value).startswith(f"{data.samples[0][0]}: the JPEG header claims 32 x 32")
+    assert InShop(root, "train", max_pixels=32 * 32)[0][0].shape == (3, 32, 32)
