@@ -238,11 +238,20 @@ def test_cluster_template_is_complete():
     placeholders = set(re.findall(r"<[A-Z_]+>", text.split("\nRegion:", 1)[1]))
     assert placeholders and all(p in header for p in placeholders), "every placeholder is explained on top"
     assert config["Scheduling"]["Scheduler"] == "slurm"
+    assert "ParallelCluster 3.8 or later" in header  # CAPACITY_BLOCK (3.8), JobExclusiveAllocation (3.7)
+    capacity_types = set()
     for queue in config["Scheduling"]["SlurmQueues"]:
-        assert queue["Networking"]["PlacementGroup"]["Enabled"] is True, queue["Name"]
+        capacity_types.add(queue["CapacityType"])
+        reserved = [r for r in queue["ComputeResources"] if "CapacityReservationTarget" in r]
+        # pcluster's validator rejects a capacity reservation inside a placement group it creates.
+        assert queue["Networking"]["PlacementGroup"]["Enabled"] is not bool(reserved), queue["Name"]
         for resource in queue["ComputeResources"]:
             assert resource["Efa"]["Enabled"] is True, resource["Name"]
             assert resource["Instances"][0]["InstanceType"] in {"p5.48xlarge", "p4d.24xlarge"}
+            if queue["CapacityType"] == "CAPACITY_BLOCK":  # static nodes only, all of the block
+                assert resource["MinCount"] == resource["MaxCount"] > 0, resource["Name"]
+                assert resource in reserved, resource["Name"]
+    assert capacity_types == {"CAPACITY_BLOCK", "ONDEMAND"}
     assert [s["StorageType"] for s in config["SharedStorage"]] == ["FsxLustre"]
 
 
