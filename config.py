@@ -23,7 +23,10 @@ from typing import Any, Iterable, Sequence
 from arcface.head import check_margin
 from arcface.metrics import AP_MODES
 from arcface.model import ARCHS, POOLINGS
+from arcface.transforms import MAX_IMAGE_PIXELS
 from runtime import UserError
+
+from arcface.textfile import DataError, read_text
 
 
 class ConfigError(UserError, ValueError):
@@ -66,7 +69,7 @@ class Config:
     batch_size: int = _setting(32, "training images per process and step, as in the tutorial")
     eval_batch_size: int = _setting(128, "evaluation images per process and batch")
     num_workers: int = _setting(1, "loader processes per training process")
-    max_image_pixels: int = _setting(89_478_485, "images whose header claims more pixels are refused before "
+    max_image_pixels: int = _setting(MAX_IMAGE_PIXELS, "images whose header claims more pixels are refused before "
                                      "decoding (decompression bombs); raise it for huge images")
 
     arch: str = _setting("resnet18", "torchvision ResNet of the backbone", section="model")
@@ -287,10 +290,13 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     """Reads a flat TOML file of Config fields; unknown keys and wrong types name the file and key."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            raw = tomllib.load(f)
+        # Decoded here rather than by tomllib, so that a byte that is not UTF-8 is reported with
+        # its line; tomllib's own message would name neither.
+        raw = tomllib.loads(read_text(path))
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except DataError as e:
+        raise ConfigError(str(e)) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     known = set(_field_types())

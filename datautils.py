@@ -27,9 +27,10 @@ if TYPE_CHECKING:
 def load_datasets(cfg: Config) -> tuple[InShop, InShop, InShop]:
     """The train, query and gallery sets of cfg.data_root, or of the synthetic demo set."""
     root = Path(cfg.data_root) if cfg.data_root else synthetic_root(cfg)
-    return (InShop(root, "train", transform=train_transform(cfg.resize, cfg.crop)),
-            InShop(root, "query", transform=test_transform(cfg.resize, cfg.crop)),
-            InShop(root, "gallery", transform=test_transform(cfg.resize, cfg.crop)))
+    limit = cfg.max_image_pixels  # checked against each image's header before it is decoded
+    return (InShop(root, "train", transform=train_transform(cfg.resize, cfg.crop), max_pixels=limit),
+            InShop(root, "query", transform=test_transform(cfg.resize, cfg.crop), max_pixels=limit),
+            InShop(root, "gallery", transform=test_transform(cfg.resize, cfg.crop), max_pixels=limit))
 
 
 def synthetic_root(cfg: Config) -> Path:

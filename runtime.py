@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from arcface.textfile import DataError
+
 
 class UserError(Exception):
     """Bad input, or a run the user must act on: reported in one line, never with a traceback.
@@ -38,14 +40,14 @@ _Main = TypeVar("_Main", bound=Callable[..., Any])
 
 
 def one_line_errors(main: _Main) -> _Main:
-    """Wraps a launcher's main: a UserError, a file-system error or a failed collective ends the
-    process with `error: <one line>` (naming the rank when there are several) and exit status 1
-    (2 for configuration errors), instead of a traceback."""
+    """Wraps a launcher's main: a UserError, a DataError (a bad input file), a file-system error
+    or a failed collective ends the process with `error: <one line>` (naming the rank when there
+    are several) and exit status 1 (2 for configuration errors), instead of a traceback."""
     @functools.wraps(main)
     def run(*args: Any, **kwargs: Any) -> Any:
         try:
             return main(*args, **kwargs)
-        except (UserError, OSError, RuntimeError) as error:
+        except (UserError, DataError, OSError, RuntimeError) as error:
             if isinstance(error, RuntimeError) and not isinstance(error, UserError) and not collective_failed(error):
                 raise  # a bug: its traceback is wanted
             rank = f"[rank {global_rank()}] " if world_size() > 1 else ""

@@ -11,6 +11,7 @@ distribution (tasks fill node 1 first). With `--distribution=arbitrary`, set MAS
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Mapping
 
@@ -104,6 +105,28 @@ def default_master_port(job_id: str) -> int:
     if not job_id.isdigit():
         raise ValueError(f"SLURM_JOB_ID={job_id!r}: expected a decimal job id")
     return MASTER_PORT_BASE + int(job_id) % MASTER_PORT_SPAN
+
+
+def rendezvous_host(node: str, getent_output: str) -> str:
+    """The address other nodes should use to reach `node`, from `getent ahostsv4 node` output.
+
+    The first IPv4 address that is not loopback, in getent's order. `hostname -i` is no help:
+    Debian and Ubuntu map a machine's own name to 127.0.1.1 in /etc/hosts, and another node
+    cannot reach that. When every answer is loopback (or there is none), the name itself is
+    returned: each node then resolves it on its own, and on `node` itself a loopback answer still
+    reaches the rendezvous store, which listens on every interface.
+    """
+    for line in getent_output.splitlines():
+        fields = line.split()
+        if not fields:
+            continue
+        try:
+            address = ipaddress.ip_address(fields[0])
+        except ValueError:
+            continue  # not an address line
+        if address.version == 4 and not address.is_loopback and not address.is_unspecified:
+            return str(address)
+    return node
 
 
 def torch_env_from_slurm(environ: Mapping[str, str]) -> dict[str, str]:

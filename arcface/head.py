@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from arcface.textfile import DataError, read_text
+
 # Lower bound for 1 - cos^2 under the square root: sqrt has an infinite slope at 0, which would
 # turn exact cos = +-1 (a feature parallel to a weight row) into NaN gradients. At 1e-12 the
 # value error is sqrt(1e-12) * sin(m) < 1e-6, far below float32 logit noise at s = 64.
@@ -160,19 +162,18 @@ def load_margins(
 
 
 def check_margin(value: float, where: str) -> None:
-    """Raises ValueError naming `where` unless 0 <= value < pi (radians; NaN fails too).
+    """Raises DataError (a ValueError) naming `where` unless 0 <= value < pi (radians; NaN fails too).
 
     From pi on, theta + m passes pi for every theta > 0, where cos(theta + m) rises again: the
     margin would reward the target class instead of penalising it.
     """
     if not (0.0 <= value < math.pi):
-        raise ValueError(f"{where}: margin must be in [0, pi) radians, got {value!r}")
+        raise DataError(f"{where}: margin must be in [0, pi) radians, got {value!r}")
 
 
 def _read_margin_file(path: str | os.PathLike, num_classes: int) -> list[float]:
     """One float per line, line i for class i-1; blank lines are not allowed in between."""
-    with open(path, encoding="utf-8") as file:
-        lines = file.read().splitlines()
+    lines = read_text(path).split("\n")  # newlines only, so line numbers are an editor's
     while lines and not lines[-1].strip():
         lines.pop()  # a trailing newline or two is not a missing class
     values = []
@@ -180,12 +181,12 @@ def _read_margin_file(path: str | os.PathLike, num_classes: int) -> list[float]:
         try:
             values.append(float(line.strip()))
         except ValueError:
-            raise ValueError(
+            raise DataError(
                 f"{os.fspath(path)}:{line_number}: expected one margin (a float, radians) "
                 f"per line, got {line!r}"
             ) from None
     if len(values) != num_classes:
-        raise ValueError(
+        raise DataError(
             f"{os.fspath(path)}: has {len(values)} margins, expected {num_classes} "
             "(one line per class)"
         )

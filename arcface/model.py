@@ -15,6 +15,7 @@ import torchvision
 from torch import nn
 
 from arcface.head import ArcFaceHead
+from arcface.textfile import DataError
 
 _RESNETS = {
     "resnet18": torchvision.models.resnet18,
@@ -210,7 +211,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise ValueError(
+        raise DataError(
             f"{path}: not a PyTorch checkpoint of tensors ({type(error).__name__}: {reason}). "
             "Files holding other Python objects are refused because unpickling them can run "
             "code; if the file is trusted, re-save only its state dict: "
@@ -218,13 +219,13 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         ) from error
     state = _unwrap_state_dict(checkpoint)
     if not isinstance(state, dict) or not state:
-        raise ValueError(
+        raise DataError(
             f"{path}: expected a non-empty dict of tensors (optionally under 'state_dict' or "
             f"'model'), found {type(state).__name__}"
         )
     for key, value in state.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            raise ValueError(
+            raise DataError(
                 f"{path}: expected a state dict of tensors, but key {key!r} holds a "
                 f"{type(value).__name__}"
             )
@@ -251,7 +252,7 @@ def load_backbone_state(
     expected = backbone.state_dict()
     for key, (source_key, tensor) in trunk_state.items():
         if key in expected and expected[key].shape != tensor.shape:
-            raise ValueError(
+            raise DataError(
                 f"{source}: {source_key!r} has shape {tuple(tensor.shape)}, but the backbone's "
                 f"{key!r} has shape {tuple(expected[key].shape)} (a different architecture?)"
             )
@@ -277,7 +278,7 @@ def _select_backbone_keys(
     """-> ({trunk key: (file key, tensor)}, file keys that belong to other parts)."""
     unwrapped = {_strip_wrappers(key): key for key in state}
     if len(unwrapped) != len(state):
-        raise ValueError(f"{source}: keys collide once 'module.'/'_orig_mod.' prefixes are removed")
+        raise DataError(f"{source}: keys collide once 'module.'/'_orig_mod.' prefixes are removed")
     has_prefix = any(key.startswith(_BACKBONE_PREFIXES) for key in unwrapped)
     trunk_state, ignored = {}, []
     for key, source_key in unwrapped.items():
@@ -287,7 +288,7 @@ def _select_backbone_keys(
             ignored.append(source_key)  # head, neck, classifier: not part of the trunk
             continue
         if trunk_key in trunk_state:
-            raise ValueError(
+            raise DataError(
                 f"{source}: {source_key!r} and {trunk_state[trunk_key][0]!r} both give the "
                 f"backbone's {trunk_key!r}"
             )
@@ -328,13 +329,13 @@ def load_mmpretrain_retriever(model: RetrievalModel, path: str | os.PathLike) ->
         hint = ""
         if any(key.startswith("embedding.") for key in missing):
             hint = " (mmpretrain's ArcFace models have no embedding layer: use embedding_dim=None)"
-        raise ValueError(
+        raise DataError(
             f"{path}: does not match the model: missing {_preview(missing)}, "
             f"unexpected {_preview(unexpected)}{hint}"
         )
     for key, tensor in state.items():
         if tensor.shape != expected[key].shape:
-            raise ValueError(
+            raise DataError(
                 f"{path}: {key!r} has shape {tuple(tensor.shape)} in the file but "
                 f"{tuple(expected[key].shape)} in the model (check arch, num_classes * "
                 "sub_centers and embedding_dim)"

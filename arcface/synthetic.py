@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from arcface.textfile import DataError, read_text
+
 DEFAULT_ITEMS = 300
 DEFAULT_VIEWS = 12
 DEFAULT_SIZE = 64
@@ -413,7 +415,10 @@ def _reuse(out_dir: Path, params: dict) -> Path:
         raise FileExistsError(
             f"{out_dir} exists and is not a synthetic data set (no {PARAMS_FILE}); choose another folder"
         )
-    found = json.loads(params_file.read_text())
+    try:
+        found = json.loads(read_text(params_file))
+    except json.JSONDecodeError as error:
+        raise DataError(f"{params_file}:{error.lineno}: not valid JSON: {error.msg}") from None
     if found != params:
         raise FileExistsError(
             f"{params_file}: holds a set generated with {found}, not {params}; remove it or choose another folder"

@@ -2,31 +2,97 @@
 
 Images are decoded straight to uint8 tensors (torchvision.io) and transformed with
 torchvision.transforms.v2 on those tensors: on one core this is about twice as fast as decoding
-with PIL and resizing PIL images (bench/bench_data_pipeline.py measures both).
+with PIL and resizing PIL images (bench/bench_data_pipeline.py measures both). PNG files are the
+exception: they go through PIL, because torchvision's PNG decoder can crash on a corrupt file.
 
 Recipe: resize 512 -> crop 448; the demo uses resize 72 -> crop 64.
 """
 from __future__ import annotations
 
+import io
 import os
+import re
 
+import numpy as np
 import torch
+from PIL import PngImagePlugin
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
+
+from arcface.imageheader import HeaderError, read_header
 
 # ImageNet statistics on the 0-255 scale, as the reference recipe states them (RGB order).
 MEAN_RGB = (123.675, 116.28, 103.53)
 STD_RGB = (58.395, 57.12, 57.375)
 
+# The most pixels an image header may claim before load_image refuses to decode it. The value is
+# PIL's own default limit (PIL.Image.MAX_IMAGE_PIXELS, a 0.25 GB 24-bit bitmap): far above any
+# photograph a retrieval set holds (In-Shop images are well under a megapixel), far below what a
+# forged header can claim (a few bytes of JPEG may say 65535 x 65535, 12 GB decoded, per worker).
+MAX_IMAGE_PIXELS = 89_478_485
 
-def load_image(path: str | os.PathLike) -> torch.Tensor:
-    """Decode an image file to RGB, uint8, shape (3, H, W); grey or RGBA files become RGB."""
+# torchvision prefixes decoder errors with its C++ function and source location.
+_SOURCE_LOCATION = re.compile(r"^[^,]*, \S+:\d+, ")
+
+
+class ImageFileError(OSError):
+    """An image file that is refused or cannot be decoded; the message is one line naming it."""
+
+
+def check_max_pixels(max_pixels: int) -> None:
+    """ValueError unless `max_pixels` is a positive integer (checked where it is given, not per image)."""
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+        raise ValueError(f"max_pixels: expected a positive integer, got {max_pixels!r}")
+
+
+def load_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
+    """Decode an image file to RGB, uint8, shape (3, H, W); grey or RGBA files become RGB.
+
+    The header is read first: a file claiming more than `max_pixels` pixels, an animation, or a
+    format the decoder does not read raises ImageFileError before any decoding.
+    """
+    check_max_pixels(max_pixels)
+    name = os.fspath(path)
     with open(path, "rb") as file:  # a missing file raises FileNotFoundError naming the path
-        encoded = torch.frombuffer(bytearray(file.read()), dtype=torch.uint8)
+        data = file.read()
     try:
-        return decode_image(encoded, mode=ImageReadMode.RGB)
+        header = read_header(data)
+    except HeaderError as error:
+        raise ImageFileError(f"{name}: cannot decode this image: {error}") from None
+    if header.pixels > max_pixels:
+        raise ImageFileError(
+            f"{name}: the {header.format} header claims {header.width} x {header.height} = "
+            f"{header.pixels:,} pixels, more than the limit of {max_pixels:,}; if the image is genuine, "
+            "raise the limit (max_pixels, the max_image_pixels setting)"
+        )
+    if header.frames > 1:
+        raise ImageFileError(f"{name}: an animated GIF of {header.frames} frames; expected a single image")
+    if header.format == "PNG":
+        return _decode_png(data, name)
+    try:
+        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except RuntimeError as error:
-        raise OSError(f"cannot decode image {os.fspath(path)}: {error}") from error
+        reason = _SOURCE_LOCATION.sub("", str(error)).strip().split("\n")[0]
+        raise ImageFileError(f"{name}: cannot decode this image: {reason}") from None
+
+
+def _decode_png(data: bytes, name: str) -> torch.Tensor:
+    """PNG through PIL: torchvision's PNG decoder crashes the process on some corrupt files.
+
+    PngImageFile directly, not Image.open, so that PIL's global pixel limit does not overrule
+    `max_pixels`. The result has the decoder's channels-last layout, like decode_image's.
+    """
+    try:
+        with PngImagePlugin.PngImageFile(io.BytesIO(data)) as image:
+            if image.mode.startswith("I"):  # 16-bit grey: keep the high byte, as for 16-bit RGB
+                grey = (np.asarray(image, dtype=np.uint32) >> 8).astype(np.uint8)
+                array = np.repeat(grey[:, :, None], 3, axis=2)
+            else:
+                array = np.array(image.convert("RGB"))
+    except Exception as error:  # PIL reports corrupt data with many types; any of them means the same
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise ImageFileError(f"{name}: cannot decode this image: {reason}") from None
+    return torch.from_numpy(array).permute(2, 0, 1)
 
 
 class NormalizeUint8:

@@ -3,10 +3,13 @@
 #
 # One Slurm task per node runs torchrun; torchrun starts one worker per GPU of the node (or
 # CPU_PROCS_PER_NODE workers on a node without GPUs) and all agents meet in a c10d rendezvous on
-# the job's first node. Submit from the project root with the project's environment active:
+# the job's first node. Submit from the project root with the project's environment active, and
+# ask for the GPUs: a job without them on GPU nodes stops with a message (set CPU_PROCS_PER_NODE
+# to train on their CPUs on purpose).
 #
-#   sbatch slurm/sbatch_run.sh 50 5 --config configs/inshop_r50.toml
+#   sbatch --gpus-per-node=8 slurm/sbatch_run.sh 50 5 --config configs/inshop_r50.toml
 #   sbatch --nodes=4 --gpus-per-node=8 --cpus-per-task=96 slurm/sbatch_run.sh 50 5 --batch_size 64
+#   CPU_PROCS_PER_NODE=4 sbatch slurm/sbatch_run.sh 2 1 --config configs/smoke.toml   # CPUs only
 #
 # Arguments are passed to multinode.py unchanged. Outputs go to runs/slurm-<job id>/ unless
 # --out_dir is given; the log is slurm-<job id>.out in the submit directory. Keep both on a disk
@@ -55,7 +58,9 @@ if [[ ! -f multinode.py ]]; then
     exit 2
 fi
 
-# Workers per node on nodes without GPUs (each one is a gloo rank).
+# Workers per node on nodes without GPUs (each one is a gloo rank). Setting it also says that a
+# CPU run is meant where the nodes have GPUs Slurm did not give this job (see below).
+cpu_run_requested=${CPU_PROCS_PER_NODE:+yes}
 CPU_PROCS_PER_NODE=${CPU_PROCS_PER_NODE:-2}
 # Whole-group restarts torchrun may attempt after a worker fails, before the step fails.
 MAX_RESTARTS=${MAX_RESTARTS:-3}
@@ -83,17 +88,35 @@ has_out_dir() {
     return 1
 }
 
+# The GPUs Slurm manages on a node (its Gres, e.g. gpu:8(S:0-1) or gpu:h100:8), whether or not
+# this job was given any; empty when Slurm knows of none.
+gpus_configured_on() {
+    scontrol show node -o "$1" 2>/dev/null | grep -o 'Gres=[^ ]*gpu[^ ]*' | sed 's/^Gres=//' || true
+}
+
+# The rendezvous lives on the first node of the allocation, where this shell runs.
+# awk, not head: head would exit early, scontrol would die of SIGPIPE, and pipefail would end the job.
+head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | awk 'NR == 1')
+
 nnodes=$SLURM_JOB_NUM_NODES
 nproc=$(gpus_on_node)
 if ((nproc == 0)); then
+    # A job submitted without --gpus-per-node to a GPU partition gets no GPU; training on two CPU
+    # processes instead would look like success and take forever. Stop unless that was asked for.
+    node_gpus=$(gpus_configured_on "$head_node")
+    if [[ -n $node_gpus && -z $cpu_run_requested ]]; then
+        echo "slurm/sbatch_run.sh: job $SLURM_JOB_ID was given no GPUs, but node $head_node has $node_gpus;" \
+            "request them (sbatch --gpus-per-node=N slurm/sbatch_run.sh ...), or set CPU_PROCS_PER_NODE to train on CPUs" >&2
+        exit 2
+    fi
     nproc=$CPU_PROCS_PER_NODE
 fi
 
-# The rendezvous lives on the first node of the allocation (where this shell runs). Ask that node
-# for its address rather than trusting its name to resolve the same way everywhere.
-# awk, not head: head would exit early, scontrol would die of SIGPIPE, and pipefail would end the job.
-head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | awk 'NR == 1')
-head_addr=$(srun --nodes=1 --ntasks=1 -w "$head_node" hostname --ip-address | awk '{print $1}')
+# The head node's address as the other nodes resolve its name (slurm_env.py says why not `hostname
+# -i`); getent fails when the name does not resolve, and the name is then used as it is.
+head_addresses=$(getent ahostsv4 "$head_node" || true)
+head_addr=$(python3 -c 'import slurm_env, sys; print(slurm_env.rendezvous_host(sys.argv[1], sys.argv[2]))' \
+    "$head_node" "$head_addresses")
 # Same job id, same port on every node and after a requeue; slurm_env.py owns the formula.
 rdzv_port=${RDZV_PORT:-$(python3 -c 'import slurm_env, os; print(slurm_env.default_master_port(os.environ["SLURM_JOB_ID"]))')}
 

@@ -288,3 +288,11 @@ def test_launcher_help_keeps_its_usage_lines_as_written(launcher, own_flag):
     assert all(f"{section}:" in lines for section in SECTIONS)
     if own_flag:
         assert any(line.startswith(f"  {own_flag} ") for line in lines)
+
+
+def test_a_toml_file_that_is_not_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_bytes(b"lr = 0.1\n# r\xe9glages\nbatch_size = 8\n")  # a Latin-1 comment
+    with pytest.raises(ConfigError) as caught:
+        config.load_toml(path)
+    assert str(caught.value) == f"{path}:2: not UTF-8 text (byte 0xE9 at column 4)"

@@ -136,6 +136,62 @@ def test_query_item_without_gallery_image(tmp_path: Path):
     expect_error(write_partition(tmp_path, rows), 9, "id_0000000D", "gallery")
 
 
+def test_a_partition_file_that_is_not_utf8_names_its_line(tmp_path: Path):
+    path = write_partition(tmp_path, SMALL_ROWS)
+    lines = path.read_bytes().split(b"\n")
+    lines[0] = b"\xef\xbb\xbf" + lines[0]  # a byte-order mark is still fine
+    lines[4] = lines[4].replace(b"img/", b"img/\xe9", 1)  # a Latin-1 e-acute in an image name
+    path.write_bytes(b"\n".join(lines))
+    with pytest.raises(ValueError) as caught:
+        read_partition(path)
+    assert str(caught.value) == f"{path}:5: not UTF-8 text (byte 0xE9 at column 5)"
+
+
+ROWS = list(SMALL_ROWS)
+# Every way read_partition can refuse a file: (what, partition file contents).
+MALFORMED = [
+    ("empty", b""),
+    ("count line only", b"9\n"),
+    ("count not an integer", "52,712"),
+    ("count too high", 10),
+    ("header", "image_name item_id status"),
+    ("two columns", ROWS + ["img/a.jpg id_00000001"]),
+    ("unknown status", ROWS[:3] + [(ROWS[3][0], ROWS[3][1], "val")] + ROWS[4:]),
+    ("path not under img/", [("Img/" + ROWS[0][0], *ROWS[0][1:])] + ROWS[1:]),
+    ("duplicate image", ROWS + [ROWS[2]]),
+    ("train item in query", ROWS + [(image("id_0000000A", 9), "id_0000000A", "query")]),
+    ("query without gallery", [row for row in ROWS if row[:2] != (image("id_0000000D", 1), "id_0000000D")]),
+    ("not UTF-8", b"9\n\xff\n"),
+]
+
+
+def write_case(root: Path, case) -> None:
+    if isinstance(case, bytes):
+        path = root / "Eval" / "list_eval_partition.txt"
+        path.parent.mkdir(parents=True)
+        path.write_bytes(case)
+    elif isinstance(case, list):
+        write_partition(root, case)
+    elif isinstance(case, int):
+        write_partition(root, ROWS, count=case)
+    elif case.startswith("image_name"):
+        write_partition(root, ROWS, header=case)
+    else:
+        write_partition(root, ROWS, count=case)
+
+
+@pytest.mark.parametrize("what, case", MALFORMED, ids=[what for what, _ in MALFORMED])
+def test_every_refusal_is_one_data_error_line_starting_with_the_file(tmp_path: Path, what: str, case):
+    from arcface.textfile import DataError
+
+    write_case(tmp_path, case)
+    with pytest.raises(DataError) as caught:
+        InShop(tmp_path, "query", check_files=False)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"{tmp_path / 'Eval' / 'list_eval_partition.txt'}:")
+
+
 def test_unknown_split_is_rejected(tmp_path: Path):
     write_partition(tmp_path, SMALL_ROWS)
     with pytest.raises(ValueError, match="'test'"):
@@ -227,6 +283,30 @@ def test_missing_images_are_reported_at_construction(tmp_path: Path):
         InShop(root, "train")
     message = str(caught.value)
     assert f"2 of {len(paths)} train images" in message
+    assert "\n" not in message  # one line, however many are missing
     assert paths[0] in message and paths[1] in message
     assert "list_eval_partition.txt" in message
     InShop(root, "train", check_files=False)  # the check can be skipped
+
+
+def test_many_missing_images_are_summarised_on_one_line(tmp_path: Path):
+    root = generate_inshop(tmp_path / "set", items=4, views=4, size=32, seed=0)
+    paths = [path for path, _ in InShop(root, "train").samples]
+    for path in paths[:7]:
+        Path(path).unlink()
+    with pytest.raises(FileNotFoundError) as caught:
+        InShop(root, "train")
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.endswith(f"{', '.join(paths[:5])} and 2 more")
+
+
+def test_max_pixels_is_passed_on_to_the_decoder(tmp_path: Path):
+    root = generate_inshop(tmp_path / "set", items=4, views=2, size=32, seed=0)
+    with pytest.raises(ValueError, match="max_pixels"):
+        InShop(root, "train", max_pixels=0)
+    data = InShop(root, "train", max_pixels=32 * 32 - 1)
+    with pytest.raises(OSError) as caught:
+        data[0]
+    assert str(caught.value).startswith(f"{data.samples[0][0]}: the JPEG header claims 32 x 32")
+    assert InShop(root, "train", max_pixels=32 * 32)[0][0].shape == (3, 32, 32)

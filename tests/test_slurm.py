@@ -237,11 +237,20 @@ def test_cluster_template_is_complete():
     placeholders = set(re.findall(r"<[A-Z_]+>", text.split("\nRegion:", 1)[1]))
     assert placeholders and all(p in header for p in placeholders), "every placeholder is explained on top"
     assert config["Scheduling"]["Scheduler"] == "slurm"
+    assert "ParallelCluster 3.8 or later" in header  # CAPACITY_BLOCK (3.8), JobExclusiveAllocation (3.7)
+    capacity_types = set()
     for queue in config["Scheduling"]["SlurmQueues"]:
-        assert queue["Networking"]["PlacementGroup"]["Enabled"] is True, queue["Name"]
+        capacity_types.add(queue["CapacityType"])
+        reserved = [r for r in queue["ComputeResources"] if "CapacityReservationTarget" in r]
+        # pcluster's validator rejects a capacity reservation inside a placement group it creates.
+        assert queue["Networking"]["PlacementGroup"]["Enabled"] is not bool(reserved), queue["Name"]
         for resource in queue["ComputeResources"]:
             assert resource["Efa"]["Enabled"] is True, resource["Name"]
             assert resource["Instances"][0]["InstanceType"] in {"p5.48xlarge", "p4d.24xlarge"}
+            if queue["CapacityType"] == "CAPACITY_BLOCK":  # static nodes only, all of the block
+                assert resource["MinCount"] == resource["MaxCount"] > 0, resource["Name"]
+                assert resource in reserved, resource["Name"]
+    assert capacity_types == {"CAPACITY_BLOCK", "ONDEMAND"}
     assert [s["StorageType"] for s in config["SharedStorage"]] == ["FsxLustre"]
 
 
@@ -260,21 +269,34 @@ def test_scripts_parse_and_pass_shellcheck(script):
 # the GPU branches run too.
 
 STUB_SRUN = """#!/bin/bash
-if [[ " $* " == *" hostname "* ]]; then echo "10.1.2.3 172.17.0.1"; exit 0; fi
 echo "srun $* | TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-} OMP_NUM_THREADS=${OMP_NUM_THREADS:-}" >> "$STUB_LOG"
 exit "${STUB_SRUN_EXIT:-0}"
 """
 STUB_SCONTROL = """#!/bin/bash
 if [[ $1 == show && $2 == hostnames ]]; then printf 'gpu-a\\ngpu-b\\n'; exit 0; fi
+if [[ $1 == show && $2 == node ]]; then
+    echo "NodeName=${*: -1} Arch=x86_64 CoresPerSocket=48 Gres=${STUB_GRES:-(null)} NodeAddr=${*: -1} State=ALLOCATED"
+    exit 0
+fi
 echo "scontrol $*" >> "$STUB_LOG"
+"""
+# getent ahostsv4 NAME: STUB_GETENT's lines, or exit status 2 (not found) when it is empty.
+STUB_GETENT = """#!/bin/bash
+[[ $1 == ahostsv4 && -n ${STUB_GETENT:-} ]] || exit 2
+printf '%s\\n' "$STUB_GETENT"
 """
 
 
 def run_with_stubs(tmp_path: Path, script: str, *args: str, **env: str) -> tuple[int, list[str]]:
     """Run a slurm/ script as Slurm would (from its own copy, SLURM_SUBMIT_DIR = project root)."""
+    code, calls, _ = run_with_stubs_and_stderr(tmp_path, script, *args, **env)
+    return code, calls
+
+
+def run_with_stubs_and_stderr(tmp_path: Path, script: str, *args: str, **env: str) -> tuple[int, list[str], str]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    for name, text in {"srun": STUB_SRUN, "scontrol": STUB_SCONTROL}.items():
+    for name, text in {"srun": STUB_SRUN, "scontrol": STUB_SCONTROL, "getent": STUB_GETENT}.items():
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     spool_copy = tmp_path / "slurm_script"
@@ -293,13 +315,15 @@ def run_with_stubs(tmp_path: Path, script: str, *args: str, **env: str) -> tuple
     result = subprocess.run(
         ["bash", str(spool_copy), *args], env={**base, **env}, capture_output=True, text=True, timeout=60
     )
-    return result.returncode, log.read_text().splitlines()
+    return result.returncode, log.read_text().splitlines(), result.stderr
 
 
 def test_sbatch_run_command_line_on_gpu_nodes(tmp_path):
     code, calls = run_with_stubs(
         tmp_path, "sbatch_run.sh", "5", "1", "--config", "configs/smoke.toml",
-        SLURM_GPUS_ON_NODE="8", SLURM_CPUS_PER_TASK="96",
+        SLURM_GPUS_ON_NODE="8", SLURM_CPUS_PER_TASK="96", STUB_GRES="gpu:h100:8(S:0-1)",
+        # As on Debian and Ubuntu, /etc/hosts maps the node's own name to 127.0.1.1 first.
+        STUB_GETENT="127.0.1.1       STREAM gpu-a\n127.0.1.1       DGRAM\n10.1.2.3        STREAM\n10.1.2.3 DGRAM",
     )
     assert code == 0
     port = 15000 + 77
@@ -308,6 +332,27 @@ def test_sbatch_run_command_line_on_gpu_nodes(tmp_path):
         f"--rdzv_endpoint 10.1.2.3:{port} --max-restarts 3 multinode.py 5 1 --config configs/smoke.toml "
         "--out_dir runs/slurm-77 | TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 OMP_NUM_THREADS="
     ]
+
+
+@pytest.mark.parametrize("getent, endpoint", [
+    ("127.0.1.1 STREAM gpu-a\n127.0.1.1 DGRAM", "gpu-a"),  # only the loopback alias: the name itself
+    ("", "gpu-a"),  # the name does not resolve here
+    ("10.0.7.21 STREAM gpu-a.cluster.local", "10.0.7.21"),
+], ids=["loopback-only", "unresolved", "dns"])
+def test_sbatch_run_rendezvous_endpoint_is_never_a_loopback_address(tmp_path, getent, endpoint):
+    code, calls = run_with_stubs(tmp_path, "sbatch_run.sh", SLURM_GPUS_ON_NODE="8", STUB_GETENT=getent)
+    assert code == 0 and f" --rdzv_endpoint {endpoint}:{15000 + 77} " in calls[0]
+
+
+def test_sbatch_run_stops_when_gpu_nodes_gave_the_job_no_gpus(tmp_path):
+    # sbatch without --gpus-per-node on a GPU partition: Slurm knows the GPUs but gives none.
+    code, calls, stderr = run_with_stubs_and_stderr(tmp_path, "sbatch_run.sh", "5", "1", STUB_GRES="gpu:8(S:0-1)")
+    assert code == 2 and calls == []  # nothing started
+    assert stderr.count("\n") == 1 and "job 77 was given no GPUs, but node gpu-a has gpu:8(S:0-1)" in stderr
+    assert "--gpus-per-node" in stderr and "CPU_PROCS_PER_NODE" in stderr
+    # Asking for CPU processes says the CPU run is meant.
+    code, calls = run_with_stubs(tmp_path, "sbatch_run.sh", STUB_GRES="gpu:8(S:0-1)", CPU_PROCS_PER_NODE="4")
+    assert code == 0 and "--nproc_per_node 4 " in calls[0]
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 import pytest
 
+import slurm_env
 from slurm_env import (
     default_master_port,
     expand_hostlist,
@@ -150,3 +151,26 @@ def test_malformed_variable_is_named(key, value, complaint):
     env = _slurm_task(SLURM_STEP_NODELIST="", **{key: value})
     with pytest.raises(ValueError, match=complaint):
         torch_env_from_slurm(env)
+
+
+# `getent ahostsv4 NAME` prints each address three times (STREAM, DGRAM, RAW), the first line
+# with the canonical name.
+DEBIAN_SELF = "127.0.1.1       STREAM gpu-a\n127.0.1.1       DGRAM  \n127.0.1.1       RAW    \n"
+DNS = "10.0.7.21       STREAM gpu-a.cluster.local\n10.0.7.21       DGRAM  \n10.0.7.21       RAW    \n"
+
+
+@pytest.mark.parametrize(
+    "getent, expected",
+    [
+        (DNS, "10.0.7.21"),
+        (DEBIAN_SELF + DNS, "10.0.7.21"),  # /etc/hosts' 127.0.1.1 alias first: skipped
+        (DEBIAN_SELF, "gpu-a"),  # only loopback: the name, for every node to resolve itself
+        ("127.0.0.1       STREAM localhost\n", "gpu-a"),
+        ("", "gpu-a"),  # getent found nothing
+        ("0.0.0.0 STREAM\nnot an address line\n10.1.2.3 STREAM\n", "10.1.2.3"),
+        ("::1 STREAM\nfe80::1 STREAM\n", "gpu-a"),  # IPv6 lines are not IPv4 answers
+    ],
+    ids=["dns", "debian-alias-then-dns", "debian-alias-only", "localhost", "nothing", "odd-lines", "ipv6"],
+)
+def test_rendezvous_host_is_the_first_address_other_nodes_can_reach(getent, expected):
+    assert slurm_env.rendezvous_host("gpu-a", getent) == expected

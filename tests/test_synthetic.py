@@ -122,6 +122,17 @@ def test_set_from_another_generator_version_is_refused(small_set: Path, monkeypa
         generate_inshop(small_set, items=ITEMS, views=VIEWS, size=SIZE, seed=5)
 
 
+@pytest.mark.parametrize("content, message", [
+    (b'{"items": 4,\n "seed": "\xe9"}\n', r"synthetic\.json:2: not UTF-8 text \(byte 0xE9 at column 11\)"),
+    (b'{"items": 4,\n "seed": }\n', r"synthetic\.json:2: not valid JSON"),
+], ids=["latin-1", "bad-json"])
+def test_an_unreadable_parameter_file_names_its_line(tmp_path: Path, content: bytes, message: str):
+    (tmp_path / "set").mkdir()
+    (tmp_path / "set" / synthetic.PARAMS_FILE).write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        generate_inshop(tmp_path / "set", items=4, views=2, size=32)
+
+
 def test_an_empty_folder_is_filled(tmp_path: Path):
     (tmp_path / "set").mkdir()
     root = generate_inshop(tmp_path / "set", items=4, views=2, size=32)

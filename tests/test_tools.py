@@ -15,7 +15,7 @@ from PIL import Image
 import single_gpu
 from arcface.inshop import InShop
 from arcface.transforms import load_image, test_transform
-from config import parse_config
+from config import Config, dump_toml, parse_config
 from datautils import synthetic_root
 from tools import evaluate, export, search, visualize
 from tools.common import IndexMismatch, load_model, run_cli
@@ -297,8 +297,11 @@ def test_result_grid_layout_scores_and_border_colours(tmp_path):
                            "--thumb", str(thumb)]) == 0
     grid = Image.open(tmp_path / "g.png").convert("RGB")
     cell = thumb + 2 * visualize.BORDER
-    assert grid.size == (2 * visualize.MARGIN + 4 * cell + 3 * visualize.GAP + visualize.QUERY_GAP,
-                         2 * visualize.MARGIN + 2 * (cell + visualize.CAPTION) + visualize.GAP)
+    cells_width, cells_height = visualize.grid_size(2, 4, thumb)
+    assert (cells_width, cells_height) == (
+        2 * visualize.MARGIN + 4 * cell + 3 * visualize.GAP + visualize.QUERY_GAP,
+        2 * visualize.MARGIN + 2 * (cell + visualize.CAPTION) + visualize.GAP)
+    assert grid.size[0] == cells_width and grid.size[1] > cells_height  # the legend is below
     expected = {  # (row, column): (border, centre of the thumbnail)
         (0, 0): (visualize.QUERY_COLOUR, red), (0, 1): (visualize.SAME_ITEM_COLOUR, blue),
         (0, 2): (visualize.OTHER_ITEM_COLOUR, yellow), (0, 3): (visualize.UNKNOWN_COLOUR, cyan),
@@ -308,10 +311,34 @@ def test_result_grid_layout_scores_and_border_colours(tmp_path):
         x, y = visualize.cell_origin(row, column, thumb)
         assert grid.getpixel((x + 1, y + cell // 2)) == border, (row, column)
         assert grid.getpixel((x + cell // 2, y + cell // 2)) == centre, (row, column)
-        caption = grid.crop((x, y + cell, x + cell, y + cell + visualize.CAPTION))
-        assert caption.convert("L").getextrema()[0] < 128, (row, column)  # a score or "query" is written
+        for line in range(2):  # rank and score (or "query N"), then the item id or file name
+            top = y + cell + 2 + line * visualize.LINE
+            caption = grid.crop((x, top, x + cell, top + visualize.LINE))
+            assert caption.convert("L").getextrema()[0] < 128, (row, column, line)
     x, y = visualize.cell_origin(1, 2, thumb)  # the second query has one match: empty cell
     assert grid.getpixel((x + cell // 2, y + cell // 2)) == visualize.BACKGROUND
+
+
+def test_grid_captions_say_rank_score_and_item_and_a_legend_explains_the_borders(tmp_path):
+    result = {"query": "/q/photo.jpg", "item": "id_00000002", "matches": [
+        {"rank": 1, "path": "/g/01_1_front.jpg", "score": 0.98765, "item": "id_00000002"},
+        {"rank": 2, "path": "/g/other.jpg", "score": 0.5, "item": None}]}
+    assert visualize.query_caption(3, result) == ("query 3", "id_00000002")
+    assert visualize.match_caption(1, result["matches"][0]) == ("#1  0.988", "id_00000002")
+    assert visualize.match_caption(2, result["matches"][1]) == ("#2  0.500", "other.jpg")  # no item: file name
+    image = solid_image(tmp_path / "a.png", (250, 250, 0))
+    grid = visualize.result_grid([{"query": image, "item": "x", "matches": [
+        {"rank": 1, "path": image, "score": 0.9, "item": "x"}]}], thumb=16)
+    _, cells_height = visualize.grid_size(1, 2, 16)
+    legend = grid.crop((0, cells_height - visualize.MARGIN, grid.size[0], grid.size[1]))
+    colours = {colour for _, colour in legend.getcolors(maxcolors=100_000)}
+    for colour, meaning in visualize.LEGEND:  # every border colour has its swatch, even in a narrow grid
+        assert colour in colours, meaning
+    meanings = [meaning for colour, meaning in visualize.LEGEND]
+    assert meanings == ["query", "same item as the query", "another item", "item not known"]
+    font = visualize.ImageFont.load_default()
+    short = visualize.fit_text("img_0000000021234567890.jpg", font, 60)  # too long for a small cell
+    assert font.getlength(short) <= 60 and ".." in short and short.endswith(".jpg")
 
 
 def test_grid_names_a_missing_image(tmp_path):
@@ -320,6 +347,99 @@ def test_grid_names_a_missing_image(tmp_path):
     with pytest.raises(FileNotFoundError, match="gone.jpg"):
         visualize.main(["grid", str(tmp_path / "r.json"), "--out", str(tmp_path / "g.png")])
     assert not (tmp_path / "g.png").exists()
+
+
+def bomb_jpeg(path: Path) -> str:
+    """A small JPEG whose frame header claims 20000 x 20000 pixels."""
+    Image.new("RGB", (16, 12), (90, 30, 200)).save(path, format="JPEG")
+    data = bytearray(path.read_bytes())
+    frame = data.index(b"\xff\xc0")
+    data[frame + 5:frame + 9] = (20000).to_bytes(2, "big") * 2
+    path.write_bytes(bytes(data))
+    return str(path)
+
+
+def test_grid_and_search_refuse_an_image_claiming_too_many_pixels(tmp_path, monkeypatch, capsys):
+    from tools.common import ImageFiles
+
+    bomb, fine = bomb_jpeg(tmp_path / "bomb.jpg"), solid_image(tmp_path / "fine.png", (1, 2, 3))
+    results = {"results": [{"query": fine, "matches": [{"path": bomb, "score": 1.0}]}]}
+    (tmp_path / "r.json").write_text(json.dumps(results))
+    with pytest.raises(OSError, match=r"bomb\.jpg: the JPEG header claims 20000 x 20000"):
+        visualize.main(["grid", str(tmp_path / "r.json"), "--out", str(tmp_path / "g.png")])
+    assert not (tmp_path / "g.png").exists()
+    with pytest.raises(OSError, match=r"fine\.png: the PNG header claims 20 x 30 = 600 pixels, more than the limit of 599"):
+        visualize.main(["grid", str(tmp_path / "r.json"), "--out", str(tmp_path / "g.png"),
+                        "--max_image_pixels", "599"])
+    with pytest.raises(OSError, match="bomb.jpg"):
+        ImageFiles([bomb], test_transform(8, 8))[0]
+    with pytest.raises(OSError, match="limit of 599"):
+        ImageFiles([fine], test_transform(8, 8), max_pixels=599)[0]
+    assert ImageFiles([fine], test_transform(8, 8), max_pixels=600)[0][0].shape == (3, 8, 8)
+    for tool, argv in ((search, ["snapshot.pt", "--query", fine]), (evaluate, ["snapshot.pt"])):
+        monkeypatch.setattr(sys, "argv", [tool.__file__, *argv, "--max_image_pixels", "0"])
+        with pytest.raises(SystemExit) as exit_status:
+            tool.main(None)
+        assert exit_status.value.code == 2
+        assert "--max_image_pixels: expected an integer >= 1, got 0" in capsys.readouterr().err
+
+
+def test_grid_and_curves_inputs_that_are_not_utf8_name_file_and_line(tmp_path):
+    (tmp_path / "metrics.jsonl").write_bytes(b'{"epoch": 0}\n{"epoch": 1, "note": "\xe9"}\n')
+    with pytest.raises(ValueError, match=r"metrics\.jsonl:2: not UTF-8 text \(byte 0xE9 at column 23\)"):
+        visualize.read_metrics(tmp_path / "metrics.jsonl")
+    (tmp_path / "r.json").write_bytes(b'{"results":\n [{"query": "\xff"}]}')
+    with pytest.raises(ValueError, match=r"r\.json:2: not UTF-8 text \(byte 0xFF at column 14\)"):
+        visualize.read_results(tmp_path / "r.json")
+
+
+def test_the_lr_of_every_step_is_recomputed_from_the_run_directory(run):
+    records = visualize.read_metrics(run.out / "metrics.jsonl")
+    epochs, lrs = visualize.step_learning_rates(run.out / "metrics.jsonl", records)
+    snapshot = load_snapshot(run.snapshot)
+    steps, cfg = snapshot["steps_per_epoch"], Config(**snapshot["config"])
+    logged = {record["epoch"]: record["lr"] for record in records if "lr" in record}
+    assert len(lrs) == max(logged) * steps and epochs[-1] == max(logged)
+    for epoch, lr in logged.items():
+        assert lrs[epoch * steps - 1] == pytest.approx(lr, rel=1e-12)
+    base_lr = cfg.lr * cfg.batch_size / cfg.lr_batch_size  # one process
+    assert lrs[0] == pytest.approx(cfg.warmup_factor * base_lr)  # the warm-up starts low
+    warmup = round(cfg.warmup_epochs * steps)
+    assert lrs[:warmup + 1] == sorted(lrs[:warmup + 1]) and lrs[warmup] == pytest.approx(base_lr)
+
+
+def fake_run(path: Path, world_size: int, steps: int, **fields) -> Path:
+    """A run directory as the trainer leaves it, for a run on `world_size` processes."""
+    from job import lr_schedule
+
+    cfg = Config(out_dir=str(path), **fields)
+    path.mkdir()
+    (path / "config.toml").write_text(dump_toml(cfg))
+    torch.save({"steps_per_epoch": steps, "model": {"w": torch.zeros(3)}}, path / "snapshot.pt")
+    base_lr = cfg.lr * cfg.batch_size * world_size / cfg.lr_batch_size
+    schedule = lr_schedule(base_lr, cfg.total_epochs, steps, cfg.warmup_epochs, cfg.warmup_factor, cfg.min_lr)
+    records = [{"epoch": 0, "recall@1": 1.0}]
+    records += [{"epoch": e, "loss": 1.0, "lr": float(schedule[e * steps - 1])} for e in range(1, cfg.total_epochs)]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path / "metrics.jsonl"
+
+
+def test_the_step_lr_of_a_multi_process_run_with_a_floor(tmp_path):
+    from job import lr_schedule
+
+    metrics = fake_run(tmp_path / "run", world_size=8, steps=7, total_epochs=5, warmup_epochs=2,
+                       warmup_factor=0.1, min_lr=1e-3, lr=0.2, batch_size=16)
+    epochs, lrs = visualize.step_learning_rates(metrics, visualize.read_metrics(metrics))
+    expected = lr_schedule(0.2 * 16 * 8 / 256, 5, 7, 2, 0.1, 1e-3)[:4 * 7]  # four epochs logged
+    assert lrs == pytest.approx(expected.tolist(), rel=1e-9)
+    assert epochs[0] == pytest.approx(1 / 7) and epochs[-1] == 4
+    records = visualize.read_metrics(metrics)
+    records[2]["lr"] *= 1.5  # a schedule the config does not describe
+    with pytest.raises(ValueError, match="another schedule"):
+        visualize.step_learning_rates(metrics, records)
+    (tmp_path / "run" / "snapshot.pt").unlink()
+    with pytest.raises(ValueError, match=r"snapshot\.pt: no steps_per_epoch"):
+        visualize.step_learning_rates(metrics, visualize.read_metrics(metrics))
 
 
 def test_curves_without_matplotlib_say_how_to_install_it(run, tmp_path, monkeypatch, capsys):
@@ -335,6 +455,15 @@ def test_curves_png(run, tmp_path):
     pytest.importorskip("matplotlib", reason="matplotlib is an optional extra")
     assert visualize.main(["curves", str(run.out / "metrics.jsonl"), "--out", str(tmp_path / "c.png")]) == 0
     assert Image.open(tmp_path / "c.png").size[0] > 300
+
+
+def test_curves_of_a_run_directory_without_snapshot_say_so(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="matplotlib is an optional extra")
+    metrics = fake_run(tmp_path / "run", world_size=2, steps=3, total_epochs=3)
+    (tmp_path / "run" / "snapshot.pt").unlink()
+    assert visualize.main(["curves", str(metrics), "--out", str(tmp_path / "c.png")]) == 0
+    assert "note: the lr of every step is not shown" in capsys.readouterr().err
+    assert (tmp_path / "c.png").is_file()
 
 
 def test_curves_name_a_bad_metrics_line(tmp_path):

@@ -1,10 +1,17 @@
 """Image decoding and the train / test pipelines."""
+import ast
+import io
+import struct
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.io import ImageReadMode, decode_image
 
 from arcface import transforms
 
@@ -144,3 +151,145 @@ def test_normalisation_refuses_float_input():
     # A float image in [0, 1] normalised with 0-255 statistics would be silently wrong.
     with pytest.raises(TypeError, match="uint8"):
         transforms.test_transform(32, 32)(torch.rand(3, 32, 32))
+
+
+# ---- refusing before decoding: sizes claimed by headers, corrupt files ----
+
+
+def encoded(fmt: str, width: int = 50, height: int = 40, **options) -> bytes:
+    array = np.random.default_rng(5).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def claim_size(data: bytes, fmt: str, width: int, height: int) -> bytes:
+    """The same file with the dimensions in its header overwritten (the image data is untouched)."""
+    patched = bytearray(data)
+    if fmt == "JPEG":
+        frame = patched.index(b"\xff\xc0")  # baseline frame header: length, precision, height, width
+        struct.pack_into(">HH", patched, frame + 5, height, width)
+    elif fmt == "PNG":
+        struct.pack_into(">II", patched, 16, width, height)  # IHDR, right after the signature
+    elif fmt == "GIF":
+        struct.pack_into("<HH", patched, 6, width, height)  # the logical screen
+    elif fmt == "WEBP":
+        assert patched[12:16] == b"VP8 " and width < 2**14 and height < 2**14
+        struct.pack_into("<HH", patched, 26, width, height)  # 14-bit sizes of a lossy frame
+    return bytes(patched)
+
+
+@pytest.mark.parametrize("fmt, width, height", [
+    ("JPEG", 20000, 20000), ("PNG", 20000, 20000), ("GIF", 20000, 20000), ("WEBP", 16383, 16383),
+])
+def test_a_header_claiming_too_many_pixels_is_refused_before_decoding(tmp_path: Path, fmt, width, height):
+    path = tmp_path / f"bomb.{fmt.lower()}"
+    path.write_bytes(claim_size(encoded(fmt), fmt, width, height))
+    assert path.stat().st_size < 20_000
+    start = time.perf_counter()
+    with pytest.raises(OSError) as caught:
+        transforms.load_image(path)
+    # Decoding would take seconds and gigabytes; reading a header takes microseconds.
+    assert time.perf_counter() - start < 0.5
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: ")
+    assert f"{width} x {height}" in message
+    assert f"{transforms.MAX_IMAGE_PIXELS:,}" in message
+    assert "max_image_pixels" in message
+
+
+def test_the_pixel_limit_is_a_parameter_that_pil_s_own_limit_does_not_override(tmp_path: Path, monkeypatch):
+    # PIL's global limit set below the image: only load_image's max_pixels decides.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)
+    for fmt in ("JPEG", "PNG", "GIF", "WEBP"):
+        path = tmp_path / f"image.{fmt.lower()}"
+        path.write_bytes(encoded(fmt))  # 50 x 40 = 2000 pixels
+        with pytest.raises(OSError, match=r"50 x 40 = 2,000 pixels, more than the limit of 1,999"):
+            transforms.load_image(path, max_pixels=1999)
+        # At the limit the image decodes exactly as before.
+        expected = decode_image(str(path), mode=ImageReadMode.RGB)
+        assert torch.equal(transforms.load_image(path, max_pixels=2000), expected)
+    with pytest.raises(ValueError, match="max_pixels"):
+        transforms.load_image(path, max_pixels=0)
+
+
+def test_png_decodes_exactly_for_every_colour_type_even_at_pil_s_limit(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)
+    rng = np.random.default_rng(6)
+    images = {
+        "L": Image.fromarray(rng.integers(0, 256, (9, 11), dtype=np.uint8)),
+        "RGBA": Image.fromarray(rng.integers(0, 256, (9, 11, 4), dtype=np.uint8)),
+        "P": Image.fromarray(rng.integers(0, 256, (9, 11, 3), dtype=np.uint8)).convert("P"),
+    }
+    for mode, source in images.items():
+        path = tmp_path / f"{mode}.png"
+        source.save(path)
+        loaded = transforms.load_image(path, max_pixels=99)
+        assert loaded.dtype == torch.uint8 and loaded.shape == (3, 9, 11)
+        assert torch.equal(loaded, decode_image(str(path), mode=ImageReadMode.RGB)), mode
+    # 16-bit grey: torchvision returns uint16; the contract is uint8, the high byte.
+    deep = (np.arange(99, dtype=np.uint16).reshape(9, 11) * 661)
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    loaded = transforms.load_image(tmp_path / "deep.png")
+    assert loaded.dtype == torch.uint8
+    assert torch.equal(loaded, torch.from_numpy((deep >> 8).astype(np.uint8)).expand(3, 9, 11))
+
+
+def test_an_animated_gif_is_refused(tmp_path: Path):
+    frames = [Image.new("RGB", (8, 6), (40 * i, 0, 0)) for i in range(3)]
+    path = tmp_path / "moving.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+    with pytest.raises(OSError, match=r"moving\.gif: an animated GIF of 3 frames"):
+        transforms.load_image(path)
+
+
+def test_a_gif_frame_larger_than_its_screen_counts(tmp_path: Path):
+    data = bytearray(encoded("GIF", 8, 6))
+    descriptor = data.index(b"\x2c\x00\x00\x00\x00")  # image separator, left = top = 0
+    struct.pack_into("<HH", data, descriptor + 5, 20000, 20000)
+    path = tmp_path / "frame.gif"
+    path.write_bytes(bytes(data))
+    with pytest.raises(OSError, match="20000 x 20000"):
+        transforms.load_image(path)
+
+
+# A corrupt PNG makes torchvision's decoder (libpng) crash the whole process, so the files are
+# read in a child process: a crash shows as a signal exit status instead of killing pytest.
+CORRUPT_FILES = {
+    "garbage.jpg": lambda: b"\x00garbage, not an image" * 10,
+    "truncated.jpg": lambda: encoded("JPEG")[:300],
+    "header-only.jpg": lambda: encoded("JPEG")[:2],
+    "zeroed.png": lambda: (lambda d: d[: len(d) // 2] + bytes(len(d) - len(d) // 2))(encoded("PNG")),
+    "scrambled.png": lambda: (lambda d: d[:60] + bytes(b ^ 0x5A for b in d[60:]))(encoded("PNG")),
+    "truncated.png": lambda: encoded("PNG")[:20],
+    "truncated.gif": lambda: encoded("GIF")[:200],
+    "truncated.webp": lambda: encoded("WEBP")[:25],
+}
+READ_EACH = """
+import sys
+from arcface.transforms import load_image
+for path in sys.argv[1:]:
+    print(path, flush=True)  # the last path printed is the one a crash happened on
+    try:
+        load_image(path)
+        print(repr("decoded"), flush=True)
+    except OSError as error:
+        print(repr(str(error)), flush=True)
+"""
+
+
+def test_a_corrupt_file_is_one_line_oserror_naming_it_never_a_crash(tmp_path: Path):
+    paths = []
+    for name, make in CORRUPT_FILES.items():
+        paths.append(tmp_path / name)
+        paths[-1].write_bytes(make())
+    child = subprocess.run([sys.executable, "-c", READ_EACH, *map(str, paths)], capture_output=True,
+                           text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    lines = child.stdout.splitlines()
+    assert child.returncode == 0, f"exit status {child.returncode} on {lines[-1:]}: {child.stderr[-500:]}"
+    for path, message in zip(lines[0::2], lines[1::2]):
+        message = ast.literal_eval(message)
+        assert message.startswith(f"{path}: cannot decode this image: "), message
+        assert "\n" not in message and ".cpp" not in message  # no decoder source locations
+    assert len(lines) == 2 * len(paths)

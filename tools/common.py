@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 
 from arcface.inshop import PARTITION_FILE, InShop
 from arcface.model import RetrievalModel, build_model, load_mmpretrain_retriever
-from arcface.transforms import MEAN_RGB, STD_RGB, load_image, test_transform
+from arcface.transforms import MAX_IMAGE_PIXELS, MEAN_RGB, STD_RGB, check_max_pixels, load_image, test_transform
 from config import Config
 from snapshot import SnapshotError, atomic_output, load_snapshot
 
@@ -106,6 +106,20 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="override the model's test resize (mmpretrain default: 512)")
     parser.add_argument("--crop", type=int, default=None,
                         help="override the model's test crop (mmpretrain default: 448)")
+
+
+def add_max_pixels_arg(parser: argparse.ArgumentParser) -> None:
+    """--max_image_pixels: images whose header claims more pixels are refused before decoding."""
+    parser.add_argument("--max_image_pixels", type=int, default=MAX_IMAGE_PIXELS, metavar="N",
+                        help="refuse, before decoding, an image whose header claims more pixels "
+                             f"(default {MAX_IMAGE_PIXELS}, as PIL's own limit)")
+
+
+def check_max_pixels_arg(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    try:
+        check_max_pixels(args.max_image_pixels)
+    except ValueError:
+        parser.error(f"--max_image_pixels: expected an integer >= 1, got {args.max_image_pixels}")
 
 
 def model_from_args(args: argparse.Namespace) -> LoadedModel:
@@ -279,7 +293,7 @@ def list_images(path: str | os.PathLike, split: str = "gallery") -> ImageList:
     """An In-Shop root (its `split`), a folder (every image below it), or one image file."""
     path = Path(path).resolve()
     if path.is_dir() and is_inshop_root(path):
-        dataset = InShop(path, split)
+        dataset = InShop(path, split)  # only its paths and items: the images are decoded by ImageFiles
         items = [dataset.item_ids[label] for _, label in dataset.samples]
         return ImageList([sample_path for sample_path, _ in dataset.samples], items,
                          {"root": str(path), "split": split})
@@ -295,17 +309,24 @@ def list_images(path: str | os.PathLike, split: str = "gallery") -> ImageList:
 
 
 class ImageFiles(Dataset):
-    """(image, 0) pairs for a list of paths, in the format `arcface.retrieval` expects."""
+    """(image, 0) pairs for a list of paths, in the format `arcface.retrieval` expects.
 
-    def __init__(self, paths: list[str], transform: Callable[[Tensor], Tensor]) -> None:
+    ``max_pixels`` is passed on to `load_image`: an image whose header claims more pixels is
+    refused before it is decoded.
+    """
+
+    def __init__(self, paths: list[str], transform: Callable[[Tensor], Tensor],
+                 max_pixels: int = MAX_IMAGE_PIXELS) -> None:
+        check_max_pixels(max_pixels)
         self.paths = paths
         self.transform = transform
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        return self.transform(load_image(self.paths[index])), 0
+        return self.transform(load_image(self.paths[index], self.max_pixels)), 0
 
 
 # ------------------------------------------------------------------------------------------

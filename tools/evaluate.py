@@ -30,8 +30,10 @@ import torch.distributed as dist
 import runtime
 from arcface.retrieval import evaluate_retrieval
 from arcface.inshop import InShop
-from tools.common import (LoadedModel, add_model_args, default_data_root, metadata_of,
-                          model_from_args, run_cli, training_config, write_json)
+from arcface.transforms import MAX_IMAGE_PIXELS
+from tools.common import (LoadedModel, add_max_pixels_arg, add_model_args, check_max_pixels_arg,
+                          default_data_root, metadata_of, model_from_args, run_cli, training_config,
+                          write_json)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,7 +50,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--amp", default=None, choices=("auto", "bf16", "fp16", "off"),
                         help="autocast dtype; default: the training config's (float32 on a CPU)")
     parser.add_argument("--out", default=None, help="also write the metrics to this JSON file")
-    return parser.parse_args(argv)
+    add_max_pixels_arg(parser)
+    args = parser.parse_args(argv)
+    check_max_pixels_arg(parser, args)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         model = model_from_args(args)
         settings = evaluation_settings(args, model)
         data_root = Path(args.data_root) if args.data_root else default_data_root(model)
-        metrics = evaluate(model, data_root, device, **settings)
+        metrics = evaluate(model, data_root, device, **settings, max_pixels=args.max_image_pixels)
         if runtime.is_main_process():
             report = {**metadata_of(model), "data_root": str(data_root), **metrics}
             print(format_metrics(report))
@@ -83,11 +88,12 @@ def evaluation_settings(args: argparse.Namespace, model: LoadedModel) -> dict[st
 
 def evaluate(model: LoadedModel, data_root: Path, device: torch.device, recall_at: tuple[int, ...] = (1,),
              map_at: tuple[int, ...] = (10,), ap_mode: str = "IR", batch_size: int = 64,
-             num_workers: int = 0, amp: str = "off", channels_last: bool = False) -> dict[str, float]:
+             num_workers: int = 0, amp: str = "off", channels_last: bool = False,
+             max_pixels: int = MAX_IMAGE_PIXELS) -> dict[str, float]:
     """Query split against gallery split of `data_root`; the same dict on every process."""
     transform = model.preprocess.transform()
-    query_set = InShop(data_root, "query", transform=transform)
-    gallery_set = InShop(data_root, "gallery", transform=transform)
+    query_set = InShop(data_root, "query", transform=transform, max_pixels=max_pixels)
+    gallery_set = InShop(data_root, "gallery", transform=transform, max_pixels=max_pixels)
     module = model.module.to(device)
     metrics = evaluate_retrieval(
         module, query_set, gallery_set, batch_size=batch_size, device=device, recall_at=recall_at,

@@ -29,9 +29,10 @@ from torch import Tensor
 
 import runtime
 from arcface.retrieval import extract_embeddings
-from tools.common import (ImageFiles, ImageList, IndexMismatch, LoadedModel, add_model_args,
-                          atomic_output, default_data_root, list_images, metadata_of, model_from_args,
-                          run_cli, write_json)
+from arcface.transforms import MAX_IMAGE_PIXELS
+from tools.common import (ImageFiles, ImageList, IndexMismatch, LoadedModel, add_max_pixels_arg,
+                          add_model_args, atomic_output, check_max_pixels_arg, default_data_root,
+                          list_images, metadata_of, model_from_args, run_cli, write_json)
 
 INDEX_FORMAT = "arcface-search-index"
 INDEX_VERSION = 1
@@ -56,11 +57,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--num_workers", type=int, default=2)
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"))
+    add_max_pixels_arg(parser)
     args = parser.parse_args(argv)
     for flag in ("top_k", "batch_size", "max_queries"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             parser.error(f"--{flag}: expected an integer >= 1, got {value}")
+    check_max_pixels_arg(parser, args)
     return args
 
 
@@ -72,9 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     gallery = list_images(args.gallery or default_data_root(model), args.gallery_split)
     index_path = Path(args.index) if args.index else default_index_path(args)
     index = load_or_build_index(index_path, model, gallery, device, args.batch_size, args.num_workers,
-                                rebuild=not args.no_rebuild)
+                                rebuild=not args.no_rebuild, max_pixels=args.max_image_pixels)
     queries = spread(list_images(args.query, args.query_split), args.max_queries)
-    query_embeddings = embed_images(model, queries.paths, device, args.batch_size, args.num_workers)
+    query_embeddings = embed_images(model, queries.paths, device, args.batch_size, args.num_workers,
+                                    args.max_image_pixels)
     scores, ranked = top_k(query_embeddings, index["embeddings"], args.top_k)
     results = collect_results(queries, index, scores, ranked)
     print(format_results(results))
@@ -95,7 +99,8 @@ def default_index_path(args: argparse.Namespace) -> Path:
 
 
 def load_or_build_index(path: Path, model: LoadedModel, gallery: ImageList, device: torch.device,
-                        batch_size: int = 64, num_workers: int = 0, rebuild: bool = True) -> dict[str, Any]:
+                        batch_size: int = 64, num_workers: int = 0, rebuild: bool = True,
+                        max_pixels: int = MAX_IMAGE_PIXELS) -> dict[str, Any]:
     """The index at `path` if it matches model and gallery; else a new one, saved to `path`."""
     if path.exists():
         index = load_index(path)
@@ -106,18 +111,18 @@ def load_or_build_index(path: Path, model: LoadedModel, gallery: ImageList, devi
         if not rebuild:
             raise IndexMismatch(f"{path}: {reason}; run without --no_rebuild to rebuild it")
         print(f"{path}: {reason}: rebuilding it")
-    index = build_index(model, gallery, device, batch_size, num_workers)
+    index = build_index(model, gallery, device, batch_size, num_workers, max_pixels)
     save_index(index, path)
     print(f"index of {len(gallery.paths)} images written to {path}")
     return index
 
 
 def build_index(model: LoadedModel, gallery: ImageList, device: torch.device, batch_size: int = 64,
-                num_workers: int = 0) -> dict[str, Any]:
+                num_workers: int = 0, max_pixels: int = MAX_IMAGE_PIXELS) -> dict[str, Any]:
     return {
         "format": INDEX_FORMAT,
         "format_version": INDEX_VERSION,
-        "embeddings": embed_images(model, gallery.paths, device, batch_size, num_workers),
+        "embeddings": embed_images(model, gallery.paths, device, batch_size, num_workers, max_pixels),
         "paths": gallery.paths,
         "items": gallery.items,
         "gallery": gallery.source,
@@ -162,9 +167,9 @@ def index_mismatch(index: dict[str, Any], model: LoadedModel, gallery: ImageList
 
 
 def embed_images(model: LoadedModel, paths: list[str], device: torch.device, batch_size: int = 64,
-                 num_workers: int = 0) -> Tensor:
+                 num_workers: int = 0, max_pixels: int = MAX_IMAGE_PIXELS) -> Tensor:
     """(len(paths), D) L2-normalised float32 embeddings, with a progress bar."""
-    images = ImageFiles(paths, model.preprocess.transform())
+    images = ImageFiles(paths, model.preprocess.transform(), max_pixels)
     embeddings = extract_embeddings(model.module, images, batch_size, device, num_workers, progress=True)
     return F.normalize(embeddings, dim=1)
 
