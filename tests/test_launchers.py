@@ -253,3 +253,52 @@ def test_a_two_process_run_stopped_mid_epoch_resumes_under_single_gpu(tmp_path, 
     load = lambda d: torch.load(d / "snapshot.pt", weights_only=True)["model"]
     differences = _relative_differences(load(stopped), load(full))
     assert max(differences.values()) < 1e-3, sorted(differences.items(), key=lambda kv: -kv[1])[:3]
+
+
+def _bomb_jpeg(path: Path) -> None:
+    """A valid little JPEG whose frame header claims 20000 x 20000 pixels."""
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(path, "JPEG")
+    data = bytearray(path.read_bytes())
+    sof = next(i for i in range(len(data) - 1) if data[i] == 0xFF and data[i + 1] in (0xC0, 0xC2))
+    data[sof + 5:sof + 9] = (20000).to_bytes(2, "big") * 2  # height, width
+    path.write_bytes(bytes(data))
+
+
+def _damage(root: Path, kind: str) -> str:
+    """Damages a generated In-Shop root; returns what the error line must say."""
+    partition = root / "Eval" / "list_eval_partition.txt"
+    lines = partition.read_text().splitlines()
+    train_image = root / "Img" / lines[2].split()[0]
+    if kind == "row":
+        lines[4] = lines[4].rsplit(maxsplit=1)[0]
+        partition.write_text("\n".join(lines) + "\n")
+        return f"{partition}:5: expected 3 columns"
+    if kind == "utf8":
+        partition.write_bytes(partition.read_bytes().replace(b"id_00000002", b"id_0000\xff002", 1))
+        return f"{partition}:"
+    if kind == "bomb":
+        _bomb_jpeg(train_image)
+        return f"{train_image}"
+    train_image.write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")  # kind == "corrupt"
+    return f"{train_image}"
+
+
+@pytest.mark.parametrize("launcher", [["single_gpu.py"], ["multigpu.py", "--nprocs", "2"]])
+@pytest.mark.parametrize("kind", ["row", "utf8", "bomb", "corrupt"])
+def test_bad_data_ends_in_one_line_naming_the_file(tmp_path, launcher, kind):
+    from arcface.synthetic import generate_inshop
+
+    root = tmp_path / "inshop"
+    generate_inshop(root, items=12, views=3, size=32, seed=0)
+    expected = _damage(root, kind)
+    cmd = [sys.executable, *launcher, "1", "--config", "configs/smoke.toml", "--data_root", str(root),
+           "--out_dir", str(tmp_path / "run"), "--num_workers", "1", "--batch_size", "4"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    # The rank that read the file names it; a rank left waiting for it may report the lost peer.
+    assert any(expected in line for line in errors), proc.stderr[-3000:]
+    assert all(expected in line or "a collective operation failed" in line for line in errors), proc.stderr[-3000:]
