@@ -16,6 +16,9 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+import torch
+import torch.distributed as dist
+
 from runtime import UserError
 from snapshot import atomic_write_text
 
@@ -94,3 +97,30 @@ class RunDir:
         """resumes.jsonl: which settings a resume changed, so config.toml's history is not lost."""
         with open(self.path / RESUMES_FILE, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def claim_run_dir(run_dir: RunDir, device: torch.device) -> None:
+    """Global rank 0 takes the run directory; when it cannot, every rank stops with its reason
+    (a collective when there are several processes)."""
+    distributed = dist.is_available() and dist.is_initialized()
+    reason = None
+    if not distributed or dist.get_rank() == 0:
+        try:
+            run_dir.acquire()
+        except RunDirBusy as busy:
+            reason = str(busy)
+    if distributed and dist.get_world_size() > 1:
+        box = [reason]
+        dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
+        reason = box[0]
+    if reason:
+        raise RunDirBusy(reason)
+
+
+def format_record(record: dict[str, Any], total_epochs: int) -> str:
+    """A metrics.jsonl record as the console line that the run prints with it."""
+    if "loss" in record:
+        return (f"epoch {record['epoch']}/{total_epochs} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
+                f"{record['images_per_s']:.0f} img/s | {record['seconds']:.1f} s")
+    metrics = " | ".join(f"{k} {v:.2f}" for k, v in record.items() if "@" in k)
+    return f"eval  {record['epoch']}/{total_epochs} | {metrics} | {record['seconds']:.1f} s"

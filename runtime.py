@@ -15,6 +15,7 @@ import re
 import signal
 import socket
 import sys
+import threading
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -147,6 +148,33 @@ def free_port() -> int:
 # Preemption asks a job to stop with these (Slurm: USR1 before the time limit, TERM on scancel or
 # preemption; torchrun forwards TERM): the Trainer then stops after a snapshot.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopSignals:
+    """Records the first stop signal (Slurm sends SIGUSR1 or SIGTERM before the time limit,
+    torchrun forwards SIGTERM) so that training stops after the current step instead of dying."""
+
+    def __init__(self, rank: int = 0) -> None:
+        self.rank = rank
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def catch(self) -> None:
+        # Python only delivers signals to the main thread; elsewhere (a notebook's worker thread)
+        # the process keeps its own handlers.
+        if sys.platform != "win32" and threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.signal is None:
+            self.signal = signum
+            print(f"[rank {self.rank}] {signal.Signals(signum).name} received: stopping after the current step",
+                  file=sys.stderr, flush=True)
 
 
 def ignore_stop_signals(worker_id: int) -> None:

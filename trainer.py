@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import signal
 import sys
-import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -28,7 +27,7 @@ import runtime
 from arcface.retrieval import evaluate_loaders, prepare_eval_loader
 from config import Config, dump_toml
 from job import Schedule
-from rundir import RunDir, RunDirBusy
+from rundir import RunDir, claim_run_dir, format_record
 from runtime import UserError
 from snapshot import SNAPSHOT_VERSION, check_snapshot, fetch_newest_snapshot, position_text, save_snapshot
 
@@ -73,9 +72,9 @@ class Trainer:
         self.saved_at: tuple[int, int] | None = None  # position of the newest snapshot on disk
         self.history: list[dict[str, Any]] = []  # every metrics.jsonl line, kept in the snapshot
         self.best: dict[str, Any] = {}
-        self.stop_signal: int | None = None
+        self.stop = runtime.StopSignals(self.global_rank)  # preemption: stop after the current step
 
-        self._claim_run_dir()
+        claim_run_dir(self.run_dir, self.device)
         try:
             changes = self._load_snapshot()
             if self.is_main:
@@ -133,7 +132,7 @@ class Trainer:
     def train(self) -> int:
         """Runs the job to `total_epochs`. Returns 0, or 128 + signal number after a graceful stop."""
         cfg = self.cfg
-        previous_handlers = self._catch_stop_signals()
+        self.stop.catch()
         try:
             if self.step_in_epoch == 0 and self._evaluation_missing(self.epochs_run):
                 # Epoch 0: the untrained model, the baseline the run improves on. Later: an
@@ -152,10 +151,10 @@ class Trainer:
                     # period before a kill is short. A stop during the very last step just finishes.
                     self._save_snapshot()
                     self._wait_for_all()
-                    self._say(f"stopped by {signal.Signals(self.stop_signal).name} "
+                    self._say(f"stopped by {signal.Signals(self.stop.signal).name} "
                               f"{position_text(self.epochs_run, self.step_in_epoch)}; "
                               f"snapshot saved to {self.snapshot_path}")
-                    return 128 + self.stop_signal
+                    return 128 + self.stop.signal
                 if last or self.epochs_run % cfg.eval_every == 0:
                     self._evaluate(self.epochs_run)
                 if last or self.epochs_run % cfg.save_every == 0:
@@ -166,7 +165,7 @@ class Trainer:
                           f"outputs in {cfg.out_dir}")
             return 0
         finally:
-            self._restore_signals(previous_handlers)
+            self.stop.restore()
             self.run_dir.release()
 
     def _run_epoch(self, epoch: int) -> tuple[dict[str, float], bool]:
@@ -239,15 +238,15 @@ class Trainer:
             # BatchNorm statistics do not enter the training loss: they can diverge while it stays
             # finite, and only evaluation would notice. They are small: a cheap check per step.
             (~torch.isfinite(self._buffer_maxima()).all()).float(),
-            torch.tensor(float(self.stop_signal is not None), device=self.device),
+            torch.tensor(float(self.stop.signal is not None), device=self.device),
         ])
         if self.world_size > 1:
             dist.all_reduce(flags)
         loss_sum, bad_loss, bad_buffers, stop = flags.tolist()
         if bad_loss or bad_buffers:
             self._diverged("loss" if bad_loss else f"BatchNorm statistics ({self._first_non_finite() or 'on another rank'})")
-        if stop and self.stop_signal is None:
-            self.stop_signal = signal.SIGTERM  # another rank was signalled: stop with it
+        if stop and self.stop.signal is None:
+            self.stop.signal = signal.SIGTERM  # another rank was signalled: stop with it
         return loss_sum / self.world_size, bool(stop)
 
     def _buffer_maxima(self) -> torch.Tensor:
@@ -327,21 +326,6 @@ class Trainer:
         if self.is_main:
             print(text, flush=True)
 
-    def _claim_run_dir(self) -> None:
-        """Rank 0 takes the run directory; when it cannot, every rank stops with its reason."""
-        reason = None
-        if self.is_main:
-            try:
-                self.run_dir.acquire()
-            except RunDirBusy as busy:
-                reason = str(busy)
-        if self.world_size > 1:
-            box = [reason]
-            dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
-            reason = box[0]
-        if reason:
-            raise RunDirBusy(reason)
-
     def _start_run_dir(self, changes: dict[str, tuple[Any, Any]]) -> None:
         """config.toml of this run, metrics.jsonl made to agree with the snapshot it resumes, a
         resumes.jsonl line for settings the resume changed, and no temporaries of killed writes."""
@@ -408,41 +392,3 @@ class Trainer:
 
     def _num_classes(self) -> int:
         return self.raw_model.head.weight.shape[0] // self.raw_model.head.sub_centers
-
-    # ------------------------------------------------------------------------------------
-    # Signals: preemption (Slurm sends SIGUSR1 or SIGTERM before the time limit) stops cleanly.
-
-    def _catch_stop_signals(self) -> dict[int, Any]:
-        if sys.platform == "win32" or not _in_main_thread():
-            return {}
-        previous = {}
-        for sig in runtime.STOP_SIGNALS:
-            previous[sig] = signal.signal(sig, self._on_stop_signal)
-        return previous
-
-    def _on_stop_signal(self, signum: int, frame: Any) -> None:
-        if self.stop_signal is None:
-            self.stop_signal = signum
-            print(f"[rank {self.global_rank}] {signal.Signals(signum).name} received: "
-                  f"stopping after the current step", file=sys.stderr, flush=True)
-
-    @staticmethod
-    def _restore_signals(previous: dict[int, Any]) -> None:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-# ----------------------------------------------------------------------------------------
-# Helpers
-
-
-def format_record(record: dict[str, Any], total_epochs: int) -> str:
-    if "loss" in record:
-        return (f"epoch {record['epoch']}/{total_epochs} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
-                f"{record['images_per_s']:.0f} img/s | {record['seconds']:.1f} s")
-    metrics = " | ".join(f"{k} {v:.2f}" for k, v in record.items() if "@" in k)
-    return f"eval  {record['epoch']}/{total_epochs} | {metrics} | {record['seconds']:.1f} s"
-
-
-def _in_main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
