@@ -68,8 +68,12 @@ def test_bench_trainer_ratios_are_medians_of_paired_rounds():
 def test_batch_loader_serves_the_trainer_interface():
     batches = [(torch.zeros(2, 3), torch.tensor([0, 1])), (torch.ones(2, 3), torch.tensor([1, 0]))]
     loader = bench_trainer.BatchLoader(batches)
-    loader.sampler.set_epoch(3, start=2)
+    loader.sampler.set_epoch(3, start_step=2)
     assert len(loader) == 2 and [b[1].tolist() for b in loader] == [[0, 1], [1, 0]]
+    import inspect
+
+    from datautils import EpochSampler
+    assert inspect.signature(loader.sampler.set_epoch) == inspect.signature(EpochSampler(8, 1, 0, 2).set_epoch)
 
 
 # ------------------------------------------------------------------------------------------
