@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -302,3 +303,34 @@ def test_bad_data_ends_in_one_line_naming_the_file(tmp_path, launcher, kind):
     # The rank that read the file names it; a rank left waiting for it may report the lost peer.
     assert any(expected in line for line in errors), proc.stderr[-3000:]
     assert all(expected in line or "a collective operation failed" in line for line in errors), proc.stderr[-3000:]
+
+
+def test_elastic_torchrun_survives_losing_a_node(tmp_path, synthetic_dir):
+    """Two agents (`--nnodes=1:2`) on localhost; agent B and its worker are SIGKILLed after the first
+    snapshot. Agent A, which hosts the c10d store and so must survive, re-forms the job on one
+    process, which resumes from the snapshot with the same global batch and finishes."""
+    port = runtime.free_port()
+    out = tmp_path / "run"
+    cmd = torchrun("--nnodes=1:2", "--nproc_per_node=1", "--max-restarts=3", "--rdzv_backend=c10d",
+                   f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=elastic-test",
+                   # drop a silent node after 5 s instead of 15, and re-form 2 s after the last change
+                   "--rdzv-conf=last_call_timeout=2,keep_alive_interval=1,keep_alive_max_attempt=5",
+                   "multinode.py", *smoke_args(out, synthetic_dir, epochs=6),
+                   "--global_batch_size", "16", "--batch_size", "8")
+    survivor = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(1)  # the first agent binds the endpoint and hosts the store
+    lost = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(out / "snapshot.pt", survivor, timeout=240)
+        for pid in [*children(lost.pid), lost.pid]:  # torchrun's worker runs in a session of its own
+            os.kill(pid, signal.SIGKILL)
+        output, _ = survivor.communicate(timeout=300)
+    finally:
+        for agent in (survivor, lost):
+            for pid in children(agent.pid):
+                os.kill(pid, signal.SIGKILL)
+            agent.kill()
+    assert survivor.returncode == 0, output[-4000:]
+    assert re.search(r"global rank \d of 2,", output) and "global rank 0 of 1," in output, output[-4000:]
+    assert "resuming from snapshot" in output, output[-4000:]
+    check_complete_run(out, 6)
