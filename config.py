@@ -95,8 +95,8 @@ class Config:
     min_lr: float = _setting(0.0, "cosine annealing ends here")
     global_batch_size: int = _setting(
         0, "images per optimizer step over all processes; 0 means batch_size x processes x "
-        "grad_accum_steps. When set, the micro-batches per step are derived from it, so the data "
-        "order, the schedule and the result do not depend on the number of processes")
+        "grad_accum_steps. When set, grad_accum_steps is derived from it, so the data order, the "
+        "schedule and the result do not depend on the number of processes")
     grad_accum_steps: int = _setting(1, "batches whose gradients add up to one optimizer step "
                                      "(derived when global_batch_size is set)")
     clip_grad_norm: float = _setting(0.0, "largest gradient norm; 0 disables clipping")

@@ -291,41 +291,6 @@ def test_loss_and_gradients_match_float64_reference(k, easy_margin):
     assert margin_applied.any() and not margin_applied.all()
 
 
-
-
-def test_far_from_dominant_on_constructed_example():
-    head = ArcFaceHead(3, 2, sub_centers=2)
-    e1, e2, e3 = torch.eye(3)
-    with torch.no_grad():
-        head.weight.copy_(torch.stack([e1, e2, e3, -e3]))  # class 0: e1, e2; class 1: e3, -e3
-
-    def at(angle_deg, towards, away_from):
-        """Unit vector at `angle_deg` from `towards`, rotated in the plane of `away_from`."""
-        a = math.radians(angle_deg)
-        return math.cos(a) * towards + math.sin(a) * away_from
-
-    features = torch.stack(
-        [
-            at(10, e1, e2),  # class 0, near e1
-            at(20, e1, e3),  # class 0, near e1
-            at(5, e1, -e2),  # class 0, near e1 -> e1 dominates class 0
-            e2,  # class 0, on the other sub-center: 90 deg from e1
-            at(30, -e3, e1),  # class 1, near -e3
-            at(40, -e3, e2),  # class 1, near -e3 -> -e3 dominates class 1
-            at(80, -e3, e1),  # class 1, nearest -e3 yet 80 deg from it
-            at(70, -e3, e2),  # class 1, 70 deg
-            at(15, e3, e1),  # class 1, near the minority sub-center: 165 deg from -e3
-        ]
-    )
-    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 1])
-    flagged = head.far_from_dominant(features, labels)
-    expected = torch.tensor([False, False, False, True, False, False, True, False, True])
-    assert flagged.dtype == torch.bool
-    assert torch.equal(flagged, expected)
-    loose = head.far_from_dominant(features, labels, threshold_deg=95.0)
-    assert torch.equal(loose, torch.tensor([False] * 8 + [True]))
-
-
 def test_margin_file_that_is_not_utf8_names_file_and_line(tmp_path):
     path = tmp_path / "margins.txt"
     path.write_bytes(b"0.1\n0.2 \xb0\n")  # a Latin-1 degree sign
