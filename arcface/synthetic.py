@@ -329,8 +329,9 @@ def plan_items(items: int, views: int, seed: int, train_fraction: float) -> list
 def partition_text(rows: list[tuple[str, str, str]]) -> str:
     """The partition file: count line, header line, space-padded columns with trailing spaces."""
     name_width = max(len(name) for name, _, _ in rows) + 8
+    item_width = max(20, max(len(item) for _, item, _ in rows) + 1)  # a space after the longest item id
     lines = [f"{len(rows)}", "image_name item_id evaluation_status"]
-    lines += [f"{name:<{name_width}}{item:<20}{status:<12}" for name, item, status in rows]
+    lines += [f"{name:<{name_width}}{item:<{item_width}}{status:<12}" for name, item, status in rows]
     return "\n".join(lines) + "\n"
 
 
