@@ -238,9 +238,9 @@ def test_a_two_process_run_stopped_mid_epoch_resumes_under_single_gpu(tmp_path, 
 
     batch = ["--global_batch_size", "16", "--batch_size", "8"]
     full = tmp_path / "full"
-    run([sys.executable, "multigpu.py", *smoke_args(full, synthetic_dir, epochs=6), "--nprocs", "2", *batch])
+    run([sys.executable, "multigpu.py", *smoke_args(full, synthetic_dir, epochs=4), "--nprocs", "2", *batch])
     stopped = tmp_path / "stopped"
-    cmd = [sys.executable, "multigpu.py", *smoke_args(stopped, synthetic_dir, epochs=6), "--nprocs", "2", *batch]
+    cmd = [sys.executable, "multigpu.py", *smoke_args(stopped, synthetic_dir, epochs=4), "--nprocs", "2", *batch]
     launcher = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(stopped / "snapshot.pt", launcher, timeout=180)
@@ -249,9 +249,9 @@ def test_a_two_process_run_stopped_mid_epoch_resumes_under_single_gpu(tmp_path, 
     finally:
         launcher.kill()
     assert launcher.returncode == 128 + signal.SIGTERM, output[-4000:]
-    resumed = run([sys.executable, "single_gpu.py", *smoke_args(stopped, synthetic_dir, epochs=6), *batch])
+    resumed = run([sys.executable, "single_gpu.py", *smoke_args(stopped, synthetic_dir, epochs=4), *batch])
     assert "resuming from snapshot" in resumed.stdout
-    check_complete_run(stopped, 6)
+    check_complete_run(stopped, 4)
     load = lambda d: torch.load(d / "snapshot.pt", weights_only=True)["model"]
     differences = _relative_differences(load(stopped), load(full))
     assert max(differences.values()) < 1e-3, sorted(differences.items(), key=lambda kv: -kv[1])[:3]
@@ -287,8 +287,11 @@ def _damage(root: Path, kind: str) -> str:
     return f"{train_image}"
 
 
-@pytest.mark.parametrize("launcher", [["single_gpu.py"], ["multigpu.py", "--nprocs", "2"]])
-@pytest.mark.parametrize("kind", ["row", "utf8", "bomb", "corrupt"])
+@pytest.mark.parametrize("launcher, kind", [
+    (["single_gpu.py"], "row"), (["single_gpu.py"], "utf8"), (["single_gpu.py"], "bomb"),
+    (["single_gpu.py"], "corrupt"), (["multigpu.py", "--nprocs", "2"], "row"),
+    (["multigpu.py", "--nprocs", "2"], "bomb"),  # raised in a loader worker of one rank
+])
 def test_bad_data_ends_in_one_line_naming_the_file(tmp_path, launcher, kind):
     from arcface.synthetic import generate_inshop
 
