@@ -23,7 +23,7 @@ from typing import Any, Iterable, Sequence
 from arcface.head import check_margin
 from arcface.metrics import AP_MODES
 from arcface.model import ARCHS, POOLINGS
-from arcface.transforms import MAX_IMAGE_PIXELS
+from arcface.transforms import MAX_IMAGE_PIXELS, check_sizes
 from runtime import UserError
 
 from arcface.textfile import DataError, read_text
@@ -182,8 +182,10 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{f.name}: expected a value <= {_AT_MOST[f.name]}, got {value!r}")
         if f.name in _CHOICES and value not in _CHOICES[f.name]:
             raise ConfigError(f"{f.name}: expected one of {', '.join(_CHOICES[f.name])}, got {value!r}")
-    if cfg.crop > cfg.resize:
-        raise ConfigError(f"crop: expected at most resize ({cfg.resize}), got {cfg.crop}")
+    try:
+        check_sizes(cfg.resize, cfg.crop)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     if cfg.synthetic_views < 3:
         raise ConfigError(f"synthetic_views: expected >= 3 (a test item needs a query and a gallery view), got {cfg.synthetic_views}")
     for key in ("recall_at", "map_at"):

@@ -120,14 +120,15 @@ class NormalizeUint8:
         return f"{type(self).__name__}(mean={self.mean}, std={self.std})"
 
 
-def _check_sizes(resize: int, crop: int) -> None:
+def check_sizes(resize: int, crop: int) -> None:
+    """ValueError naming `crop` unless 0 < crop <= resize: the crop is cut out of the resized image."""
     if not 0 < crop <= resize:
-        raise ValueError(f"resize={resize}, crop={crop}: expected 0 < crop <= resize")
+        raise ValueError(f"crop: expected 0 < crop <= resize ({resize}), got {crop}")
 
 
 def train_transform(resize: int, crop: int) -> v2.Compose:
     """Resize to (resize, resize) ignoring aspect ratio, random (crop, crop), flip p=0.5, normalise."""
-    _check_sizes(resize, crop)
+    check_sizes(resize, crop)
     return v2.Compose(
         [
             v2.Resize((resize, resize), interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
@@ -140,7 +141,7 @@ def train_transform(resize: int, crop: int) -> v2.Compose:
 
 def test_transform(resize: int, crop: int) -> v2.Compose:
     """Resize to (resize, resize) ignoring aspect ratio, centre (crop, crop), normalise."""
-    _check_sizes(resize, crop)
+    check_sizes(resize, crop)
     return v2.Compose(
         [
             v2.Resize((resize, resize), interpolation=v2.InterpolationMode.BILINEAR, antialias=True),

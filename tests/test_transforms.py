@@ -108,8 +108,18 @@ def test_train_crop_is_a_random_window_of_the_resized_image():
 @pytest.mark.parametrize("resize, crop", [(64, 72), (64, 0)])
 def test_invalid_sizes_are_rejected(resize, crop):
     for make in (transforms.train_transform, transforms.test_transform):
-        with pytest.raises(ValueError, match=f"resize={resize}, crop={crop}"):
+        with pytest.raises(ValueError, match=rf"^crop: expected 0 < crop <= resize \({resize}\), got {crop}$"):
             make(resize, crop)
+
+
+def test_the_config_checks_crop_and_resize_with_the_transforms_rule():
+    from config import Config, ConfigError
+
+    with pytest.raises(ValueError) as rule:
+        transforms.check_sizes(64, 72)
+    with pytest.raises(ConfigError) as refused:
+        Config(resize=64, crop=72)
+    assert str(refused.value) == str(rule.value)
 
 
 def test_load_image_decodes_jpeg_like_pil(tmp_path: Path):
