@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import importlib.util
 import math
 import sys
 import tomllib
@@ -56,6 +57,8 @@ class Config:
     snapshot: str = _setting("", 'snapshot file; "" means <out_dir>/snapshot.pt')
     seed: int = _setting(0, "seed of the initial weights, the shuffling and the augmentation")
     log_every: int = _setting(10, "optimizer steps between progress-bar updates")
+    tensorboard: bool = _setting(False, "also write metrics.jsonl's scalars as TensorBoard events in "
+                                 "<out_dir>/tensorboard (needs: pip install tensorboard)")
 
     data_root: str = _setting("", 'In-Shop root (Eval/ and Img/); "" trains on the synthetic set',
                               section="data")
@@ -475,10 +478,18 @@ def config_or_exit(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     try:
         cfg = from_args(args)
         check_paths(cfg)
+        check_extras(cfg)
         return cfg
     except ConfigError as e:
         parser.error(str(e))
         raise  # unreachable: parser.error exits
+
+
+def check_extras(cfg: Config) -> None:
+    """Optional packages a setting needs, found before anything is built."""
+    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("tensorboard: the tensorboard package is not installed; pip install tensorboard, "
+                          "or leave tensorboard off (metrics.jsonl has the same figures)")
 
 
 def check_paths(cfg: Config) -> None:

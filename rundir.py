@@ -26,6 +26,7 @@ LOCK_FILE = ".lock"
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.toml"
 RESUMES_FILE = "resumes.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 
 
 class RunDirBusy(UserError, RuntimeError):
@@ -33,10 +34,12 @@ class RunDirBusy(UserError, RuntimeError):
 
 
 class RunDir:
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, tensorboard: bool = False) -> None:
         self.path = Path(path)
         self.metrics_path = self.path / METRICS_FILE
+        self.tensorboard = tensorboard
         self._lock: TextIO | None = None
+        self._events: Any = None  # a SummaryWriter, opened by start()
 
     # ------------------------------------------------------------------------------------
     # Ownership
@@ -61,6 +64,9 @@ class RunDir:
         self._lock = lock
 
     def release(self) -> None:
+        if self._events is not None:
+            self._events.close()
+            self._events = None
         if self._lock is not None:
             self._lock.close()  # closing the descriptor drops the flock
             self._lock = None
@@ -88,10 +94,22 @@ class RunDir:
         atomic_write_text(self.path / CONFIG_FILE, config_text)
         # Lines logged after the snapshot was taken belong to work that is about to be redone.
         atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+        if self.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # optional: config checked it is there
+
+            # purge_step hides events of epochs that are about to be redone, as in metrics.jsonl.
+            done = max((r["epoch"] for r in history), default=0)
+            self._events = SummaryWriter(str(self.path / TENSORBOARD_DIR), purge_step=done + 1)
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")  # one write per line: no partial line on a crash
+        if self._events is not None:
+            group = "train" if "loss" in record else "eval"
+            for key, value in record.items():
+                if key != "epoch" and isinstance(value, (int, float)):
+                    self._events.add_scalar(f"{group}/{key}", value, record["epoch"])
+            self._events.flush()
 
     def record_resume(self, record: dict[str, Any]) -> None:
         """resumes.jsonl: which settings a resume changed, so config.toml's history is not lost."""

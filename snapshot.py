@@ -39,7 +39,7 @@ RUN_IDENTITY = ("arch", "pooling", "embedding_dim", "sub_centers", "data_root",
 # change would make config.toml describe a run that never happened.
 RESUMABLE = ("total_epochs", "save_every", "eval_every", "log_every", "out_dir", "snapshot",
              "synthetic_dir", "num_workers", "eval_batch_size", "device", "amp", "channels_last",
-             "compile", "recall_at", "map_at", "ap_mode", "max_image_pixels", "collective_timeout_s",
+             "compile", "recall_at", "map_at", "ap_mode", "max_image_pixels", "collective_timeout_s", "tensorboard",
              # How a step's batch is split (the global batch is checked on its own, below).
              "batch_size", "grad_accum_steps", "global_batch_size")
 # Fields holding paths: compared by the file they name, not by how it is spelled.

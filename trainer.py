@@ -66,7 +66,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
 
         self.snapshot_path = cfg.snapshot_path
-        self.run_dir = RunDir(cfg.out_dir)
+        self.run_dir = RunDir(cfg.out_dir, tensorboard=cfg.tensorboard)
         self.epochs_run = 0  # completed epochs
         self.step_in_epoch = 0  # optimizer steps done in epoch `epochs_run` (a mid-epoch stop)
         self.saved_at: tuple[int, int] | None = None  # position of the newest snapshot on disk

@@ -110,3 +110,30 @@ def test_a_full_disk_says_the_snapshot_was_not_written_and_the_previous_one_is_i
                                   f"holding it is full); the previous snapshot there is intact")
     assert load_snapshot(tmp_path / "snapshot.pt")["epochs_run"] == before["epochs_run"]
     assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
+
+
+def test_tensorboard_events_hold_the_scalars_of_metrics_jsonl(tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is an optional extra")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    toy_trainer(toy_config(tmp_path, total_epochs=2, tensorboard=True)).train()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for tag, key in [("train/loss", "loss"), ("train/lr", "lr"), ("eval/recall@1", "recall@1"), ("eval/mAP@10", "mAP@10")]:
+        logged = [(r["epoch"], r[key]) for r in records if key in r]
+        scalars = events.Scalars(tag)
+        assert [e.step for e in scalars] == [epoch for epoch, _ in logged], tag
+        assert [e.value for e in scalars] == pytest.approx([value for _, value in logged], rel=1e-6), tag
+
+
+def test_tensorboard_without_the_package_is_a_config_error(monkeypatch):
+    import importlib.util
+
+    import config
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(config.ConfigError, match="tensorboard: the tensorboard package is not installed; pip install"):
+        config.check_extras(config.Config(tensorboard=True))
+    config.check_extras(config.Config())
