@@ -23,7 +23,7 @@ from typing import Any, Iterable, Sequence
 
 from arcface.head import check_margin
 from arcface.metrics import AP_MODES
-from arcface.model import ARCHS, POOLINGS
+from arcface.model import FAMILY_LIST, POOLINGS, check_backbone
 from arcface.transforms import MAX_IMAGE_PIXELS, check_sizes
 from runtime import UserError
 
@@ -36,9 +36,14 @@ class ConfigError(UserError, ValueError):
     exit_status = 2  # argparse's status for a bad command line
 
 
-def _setting(default: Any, help: str, section: str | None = None) -> Any:
-    """A Config field with its `--help` text; `section` starts a new group of the help there."""
-    metadata = {"help": help} if section is None else {"help": help, "section": section}
+def _setting(default: Any, help: str, section: str | None = None, metavar: str | None = None) -> Any:
+    """A Config field with its `--help` text; `section` starts a new group of the help there;
+    `metavar` names the value in the help (default: INT, FLOAT, STR)."""
+    metadata = {"help": help}
+    if section is not None:
+        metadata["section"] = section
+    if metavar is not None:
+        metadata["metavar"] = metavar
     return field(default=default, metadata=metadata)
 
 
@@ -68,16 +73,21 @@ class Config:
     synthetic_size: int = _setting(64, "side of the generated JPEGs")
     synthetic_seed: int = _setting(0, "seed of the synthetic set")
     resize: int = _setting(72, "images are resized to resize x resize, then cropped")
-    crop: int = _setting(64, "side of the square crop (random in training, centred in evaluation); <= resize")
+    crop: int = _setting(64, "side of the square crop (random in training, centred in evaluation); <= resize; "
+                         "a ViT's patch size must divide it, ConvNeXt needs >= 32")
     batch_size: int = _setting(32, "training images per process and step, as in the tutorial")
     eval_batch_size: int = _setting(128, "evaluation images per process and batch")
     num_workers: int = _setting(1, "loader processes per training process")
     max_image_pixels: int = _setting(MAX_IMAGE_PIXELS, "images whose header claims more pixels are refused before "
                                      "decoding (decompression bombs); raise it for huge images")
 
-    arch: str = _setting("resnet18", "torchvision ResNet of the backbone", section="model")
-    pretrained: str = _setting("", '"", "imagenet" (torchvision weights) or a local checkpoint path')
-    pooling: str = _setting("avg", "average or generalised-mean (GeM, learnable p) pooling")
+    arch: str = _setting("resnet18", f"backbone: a torchvision {FAMILY_LIST} model by its "
+                         "torchvision name, e.g. resnet50, convnext_tiny, efficientnet_b0, vit_b_16; python -c 'import "
+                         "arcface.model as m; print(*m.ARCHS)' lists them", section="model", metavar="ARCH")
+    pretrained: str = _setting("", '"", "imagenet" (torchvision\'s DEFAULT weights of the arch) or a local '
+                               'checkpoint path')
+    pooling: str = _setting("avg", "average or generalised-mean (GeM, learnable p) pooling of the backbone's "
+                            "feature map; a ViT has none and embeds with its class token: avg only")
     embedding_dim: int = _setting(0, "0 keeps the pooled feature as the embedding (the reference)")
     scale: float = _setting(64.0, "ArcFace s, as in the recipe")
     margin: float = _setting(0.5, "ArcFace m, radians, as in the recipe")
@@ -126,9 +136,9 @@ class Config:
         return Path(self.snapshot) if self.snapshot else Path(self.out_dir) / "snapshot.pt"
 
 
-# Choices of the code that uses them, so that a new arch or AP mode needs no edit here.
+# Choices of the code that uses them, so that a new pooling or AP mode needs no edit here. `arch`
+# is checked by arcface.model.check_backbone (its ARCHS, too many to list in an error or the help).
 _CHOICES = {
-    "arch": ARCHS,
     "pooling": POOLINGS,
     "device": ("auto", "cuda", "mps", "cpu"),
     "amp": ("auto", "bf16", "fp16", "off"),
@@ -187,6 +197,7 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{f.name}: expected one of {', '.join(_CHOICES[f.name])}, got {value!r}")
     try:
         check_sizes(cfg.resize, cfg.crop)
+        check_backbone(cfg.arch, cfg.pooling, cfg.crop)  # one line naming arch, pooling or crop
     except ValueError as error:
         raise ConfigError(str(error)) from None
     if cfg.synthetic_views < 3:
@@ -429,7 +440,7 @@ def _add_field_flags(group: argparse._ActionsContainer, f: Field, kind: type, de
     elif f.name in _CHOICES:
         shown.update(choices=_CHOICES[f.name])
     elif kind in _METAVARS:
-        shown.update(type=kind, metavar=_METAVARS[kind])
+        shown.update(type=kind, metavar=f.metadata.get("metavar", _METAVARS[kind]))
     else:  # tuple[int, ...]
         shown.update(type=int, nargs="+", metavar="K")
     group.add_argument(f"--{f.name}", **shown)

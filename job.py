@@ -59,7 +59,7 @@ def load_train_objs(cfg: Config) -> TrainObjects:
     model = build_model(
         num_classes=train_set.num_classes, arch=cfg.arch, pooling=cfg.pooling,
         embedding_dim=cfg.embedding_dim or None, scale=cfg.scale, margin=cfg.margin_file or cfg.margin,
-        sub_centers=cfg.sub_centers, easy_margin=cfg.easy_margin,
+        sub_centers=cfg.sub_centers, easy_margin=cfg.easy_margin, image_size=cfg.crop,
     )
     if cfg.pretrained:
         report = load_pretrained_backbone(model.backbone, cfg.arch, cfg.pretrained)
@@ -74,7 +74,8 @@ def pretrained_summary(source: str, report: BackboneLoadReport) -> str:
     """One line saying what a pretrained backbone file gave: a silent partial load trains from
     random weights where keys did not match."""
     left_out = [f"{len(keys)} {what}" for what, keys in (("missing", report.missing_keys),
-                ("unexpected", report.unexpected_keys), ("ignored (classifier, head)", report.ignored_keys)) if keys]
+                ("unexpected", report.unexpected_keys), ("ignored (classifier, head)", report.ignored_keys),
+                ("interpolated to the crop (ViT position embeddings)", report.resized_keys)) if keys]
     return f"pretrained: backbone weights from {source}" + (f"; keys {', '.join(left_out)}" if left_out else "")
 
 

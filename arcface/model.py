@@ -1,41 +1,61 @@
-"""Retrieval model: torchvision ResNet trunk -> pooling neck -> optional embedding -> ArcFace head.
+"""Retrieval model: torchvision trunk -> pooling neck -> optional embedding -> ArcFace head.
 
-State-dict keys are torchvision's under `backbone.` (e.g. `backbone.layer1.0.conv1.weight`),
-which is also the layout of mmpretrain's ResNet checkpoints, so published weights load without
-renaming. The head is only used for training; retrieval uses `embed(images)`.
+The trunk is a torchvision classification model (ResNet, ResNeXt, Wide ResNet, ConvNeXt,
+EfficientNet and EfficientNet-V2, RegNet, MobileNet-V3, Swin and Swin-V2, ViT) without its
+pooling and classification layers. Its state-dict keys are torchvision's under `backbone.` (e.g.
+`backbone.layer1.0.conv1.weight`, `backbone.features.0.0.weight`), so a torchvision state dict
+loads as is; for ResNet this is also the layout of mmpretrain's checkpoints, so published
+weights load without renaming. The head is only used for training; retrieval uses
+`embed(images)`.
 """
 
+import difflib
 import os
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torchvision
 from torch import nn
+from torchvision import models as tv
+from torchvision.models.vision_transformer import VisionTransformer, interpolate_embeddings
 
 from arcface.head import ArcFaceHead
 from arcface.textfile import DataError
 
-_RESNETS = {
-    "resnet18": torchvision.models.resnet18,
-    "resnet34": torchvision.models.resnet34,
-    "resnet50": torchvision.models.resnet50,
-    "resnet101": torchvision.models.resnet101,
-    "resnet152": torchvision.models.resnet152,
+# The torchvision classification models accepted as the trunk, by family, as their builders (the
+# name is the builder's: `resnet50`, `convnext_tiny`, `vit_b_16`). Each is built without weights;
+# `pretrained` loads them afterwards. ResNeXt and Wide ResNet are torchvision ResNets.
+FAMILIES: dict[str, tuple[Callable[..., nn.Module], ...]] = {
+    "ResNet": (tv.resnet18, tv.resnet34, tv.resnet50, tv.resnet101, tv.resnet152),
+    "ResNeXt": (tv.resnext50_32x4d, tv.resnext101_32x8d, tv.resnext101_64x4d),
+    "Wide ResNet": (tv.wide_resnet50_2, tv.wide_resnet101_2),
+    "ConvNeXt": (tv.convnext_tiny, tv.convnext_small, tv.convnext_base, tv.convnext_large),
+    "EfficientNet": (tv.efficientnet_b0, tv.efficientnet_b1, tv.efficientnet_b2, tv.efficientnet_b3,
+                     tv.efficientnet_b4, tv.efficientnet_b5, tv.efficientnet_b6, tv.efficientnet_b7),
+    "EfficientNet-V2": (tv.efficientnet_v2_s, tv.efficientnet_v2_m, tv.efficientnet_v2_l),
+    "RegNet": (tv.regnet_x_400mf, tv.regnet_x_800mf, tv.regnet_x_1_6gf, tv.regnet_x_3_2gf, tv.regnet_x_8gf,
+               tv.regnet_x_16gf, tv.regnet_x_32gf, tv.regnet_y_400mf, tv.regnet_y_800mf, tv.regnet_y_1_6gf,
+               tv.regnet_y_3_2gf, tv.regnet_y_8gf, tv.regnet_y_16gf, tv.regnet_y_32gf, tv.regnet_y_128gf),
+    "MobileNet-V3": (tv.mobilenet_v3_small, tv.mobilenet_v3_large),
+    "Swin": (tv.swin_t, tv.swin_s, tv.swin_b),
+    "Swin-V2": (tv.swin_v2_t, tv.swin_v2_s, tv.swin_v2_b),
+    "ViT": (tv.vit_b_16, tv.vit_b_32, tv.vit_l_16, tv.vit_l_32, tv.vit_h_14),
 }
+# "ResNet, ResNeXt, ..., Swin-V2 or ViT", for the help and error messages.
+FAMILY_LIST = f"{', '.join(list(FAMILIES)[:-1])} or {list(FAMILIES)[-1]}"
+_BUILDERS = {builder.__name__: builder for builders in FAMILIES.values() for builder in builders}
+_FAMILY_OF = {builder.__name__: family for family, builders in FAMILIES.items() for builder in builders}
 # The values `build_model` accepts; config.py offers exactly these.
-ARCHS = tuple(_RESNETS)
+ARCHS = tuple(_BUILDERS)
 POOLINGS = ("avg", "gem")
-
-# The best ImageNet-1k weights torchvision publishes for each depth (V2 where it exists).
-_IMAGENET_WEIGHTS = {
-    "resnet18": torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
-    "resnet34": torchvision.models.ResNet34_Weights.IMAGENET1K_V1,
-    "resnet50": torchvision.models.ResNet50_Weights.IMAGENET1K_V2,
-    "resnet101": torchvision.models.ResNet101_Weights.IMAGENET1K_V2,
-    "resnet152": torchvision.models.ResNet152_Weights.IMAGENET1K_V2,
-}
+# The families built by torchvision's ResNet class, whose layout mmpretrain's ResNet checkpoints share.
+MMPRETRAIN_FAMILIES = ("ResNet", "ResNeXt", "Wide ResNet")
+# torchvision's classification layers, one name per family (ResNet and RegNet `fc`, ConvNeXt,
+# EfficientNet and MobileNet `classifier`, Swin `head`, ViT `heads`): never part of the trunk.
+_CLASSIFIER_PREFIXES = ("fc.", "classifier.", "head.", "heads.")
 
 # Wrappers a saved model's keys may carry: DistributedDataParallel and torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -96,8 +116,8 @@ class RetrievalModel(nn.Module):
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, embedding_dim)."""
-        feature_map = self.backbone(images)  # (N, C, H/32, W/32)
-        pooled = self.neck(feature_map)  # (N, C)
+        features = self.backbone(images)  # (N, C, H/32, W/32); a ViT's class token (N, C)
+        pooled = self.neck(features)  # (N, C)
         return self.embedding(pooled)  # (N, D)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -117,26 +137,29 @@ def build_model(
     margin: float | list[float] | str | os.PathLike = 0.5,
     sub_centers: int = 1,
     easy_margin: bool = False,
+    image_size: int = 224,
 ) -> RetrievalModel:
-    """A ResNet retrieval model with an ArcFace head.
+    """A retrieval model on a torchvision trunk (any name in ARCHS) with an ArcFace head.
 
-    pretrained: None (random init), "imagenet" (torchvision's weights, needs network access or
-    the file in torch's hub cache), or the path of a local backbone checkpoint.
-    pooling: "avg" or "gem". embedding_dim: None uses the pooled feature (2048 for ResNet-50)
-    as the embedding; an int adds Linear(C, d, bias=False) + BatchNorm1d(d).
+    pretrained: None (random init), "imagenet" (torchvision's DEFAULT weights of `arch`, needs
+    network access or the file in torch's hub cache), or the path of a local backbone checkpoint.
+    pooling: "avg" or "gem" over the trunk's last feature map; a ViT has none and embeds with its
+    class token, so it takes "avg" only. embedding_dim: None uses the pooled feature (2048 for
+    ResNet-50, 768 for ConvNeXt-T and ViT-B) as the embedding; an int adds
+    Linear(C, d, bias=False) + BatchNorm1d(d). image_size: the side of the square images the
+    model will see (the crop); a ViT's position embeddings are made for it, the other trunks take
+    any size and only check a minimum.
     """
-    if arch not in ARCHS:
-        raise ValueError(f"arch: expected one of {', '.join(ARCHS)}, got {arch!r}")
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling: expected {' or '.join(map(repr, POOLINGS))}, got {pooling!r}")
+    check_backbone(arch, pooling, image_size)
     if embedding_dim is not None and (not isinstance(embedding_dim, int) or embedding_dim < 1):
         raise ValueError(
             f"embedding_dim: expected a positive integer or None, got {embedding_dim!r}"
         )
-    resnet = _RESNETS[arch](weights=None)
-    pooled_dim = resnet.fc.in_features
-    backbone = resnet_trunk(resnet)
-    neck = GeM() if pooling == "gem" else GlobalAvgPool()
+    backbone, pooled_dim = classifier_trunk(build_torchvision(arch, image_size))
+    if isinstance(backbone, VisionTransformer):
+        neck = nn.Identity()  # the class token is already one vector per image
+    else:
+        neck = GeM() if pooling == "gem" else GlobalAvgPool()
     if embedding_dim is None:
         embedding = nn.Identity()
     else:
@@ -152,45 +175,149 @@ def build_model(
     return model
 
 
-def resnet_trunk(resnet: torchvision.models.ResNet) -> nn.Sequential:
-    """A torchvision ResNet without avgpool and fc: (N, 3, H, W) -> (N, C, H/32, W/32).
+def check_backbone(arch: str, pooling: str = "avg", image_size: int = 224) -> None:
+    """Raises a one-line ValueError naming the key (arch, pooling, crop) that `build_model`
+    cannot use; cheap (nothing is built), so config.py checks a configuration with it."""
+    if arch not in _BUILDERS:
+        raise ValueError(f"arch: {_unknown_arch(arch)}")
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling: expected {' or '.join(map(repr, POOLINGS))}, got {pooling!r}")
+    family = _FAMILY_OF[arch]
+    if family == "ViT" and pooling == "gem":
+        raise ValueError(
+            f"pooling: 'gem' pools a feature map, but {arch} is a ViT, which embeds with its class "
+            'token and has no map: use pooling = "avg" (for a ViT: the class token)'
+        )
+    if family == "ViT" and image_size % vit_patch_size(arch):
+        patch = vit_patch_size(arch)
+        below, above = image_size // patch * patch, (image_size // patch + 1) * patch
+        fits = f"{below} or {above}" if below else f"{above}"
+        raise ValueError(
+            f"crop: {arch} cuts images into {patch} x {patch} patches, so the crop must be a "
+            f"multiple of {patch}; got {image_size} (e.g. crop = {fits})"
+        )
+    least = _MIN_IMAGE_SIZE.get(family, 1)
+    if image_size < least:
+        raise ValueError(
+            f"crop: {arch} needs images of at least {least} x {least} pixels, got {image_size}"
+        )
 
-    The children keep their torchvision names, so the trunk's state-dict keys are exactly
-    torchvision's (`conv1.weight`, `layer1.0.conv1.weight`, ...).
+
+# The smallest input each family takes: ConvNeXt's 4-pixel stem and three 2x downsamplings need
+# 32 pixels, Swin's 4 x 4 patches 4 (it pads every other step itself); ViT patches divide the crop.
+_MIN_IMAGE_SIZE = {"ConvNeXt": 32, "Swin": 4, "Swin-V2": 4}
+
+
+def vit_patch_size(arch: str) -> int:
+    """vit_b_16 -> 16: torchvision's ViT names end with their patch size."""
+    return int(arch.rsplit("_", 1)[1])
+
+
+def family_of(arch: str) -> str:
+    """'convnext_tiny' -> 'ConvNeXt' (a key of FAMILIES)."""
+    check_backbone(arch)
+    return _FAMILY_OF[arch]
+
+
+def _unknown_arch(arch: str) -> str:
+    """Why `arch` is refused, with the accepted names closest to it."""
+    close = difflib.get_close_matches(arch.lower(), ARCHS, n=3, cutoff=0.6)
+    if arch.lower() in _BUILDERS:
+        close = [arch.lower()]  # names are lower case
+    if close:
+        names = list(map(repr, close))
+        hint = f"did you mean {', '.join(names[:-1]) + ' or ' if len(names) > 1 else ''}{names[-1]}?"
+    else:
+        hint = "e.g. 'resnet50', 'convnext_tiny', 'vit_b_16' or 'efficientnet_b0'"
+    what = ("a torchvision model, but not of an accepted family"
+            if arch in tv.list_models(module=tv) else "not a known backbone")
+    return (
+        f"{arch!r} is {what}; {hint} (accepted: the torchvision {FAMILY_LIST} models; "
+        "python -c 'import arcface.model as m; print(*m.ARCHS)' lists them)"
+    )
+
+
+def build_torchvision(arch: str, image_size: int = 224) -> nn.Module:
+    """torchvision's classification model `arch`, randomly initialised (a ViT for image_size)."""
+    check_backbone(arch, image_size=image_size)
+    if _FAMILY_OF[arch] == "ViT":
+        return _BUILDERS[arch](weights=None, image_size=image_size)
+    return _BUILDERS[arch](weights=None)
+
+
+def classifier_trunk(net: nn.Module) -> tuple[nn.Module, int]:
+    """A torchvision classification model without its pooling and classification layers, and
+    the width of its feature (the classifier's input).
+
+    For a convolutional model (and Swin) the trunk is the children before `avgpool`, in order
+    and under their names, so its state-dict keys are torchvision's minus the classifier's
+    (`conv1.weight`, `layer1.0.conv1.weight` for ResNet; `features.0.0.weight` for ConvNeXt):
+    (N, 3, H, W) -> (N, C, h, w); Swin's (N, h, w, C) map is permuted by Swin's own `permute`.
+    MobileNet-V3 loses its classifier's Linear + Hardswish pre-logits layer with the rest: the
+    feature is the pooled map (576 or 960 wide). ConvNeXt's classifier starts with a LayerNorm
+    (applied after pooling); the trunk keeps it as `classifier.0` and applies it at every
+    position of the map instead, before pooling (mmpretrain's `gap_before_final_norm=False`), so
+    that avg and GeM pool the same normalised map and the pretrained norm is not lost.
+    A ViT keeps every module but `heads`: (N, 3, S, S) -> (N, C), the class token after the
+    encoder's final LayerNorm.
     """
-    names = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
-    return nn.Sequential(OrderedDict((name, getattr(resnet, name)) for name in names))
+    if isinstance(net, VisionTransformer):
+        width = net.hidden_dim
+        net.heads = nn.Identity()
+        return net, width
+    names = [name for name, _ in net.named_children()]
+    pool = names.index("avgpool")
+    classifier = [getattr(net, name) for name in names[pool + 1 :]]
+    linear = next(m for part in classifier for m in part.modules() if isinstance(m, nn.Linear))
+    trunk = OrderedDict((name, getattr(net, name)) for name in names[:pool])
+    if isinstance(net, tv.ConvNeXt):
+        trunk["classifier"] = nn.Sequential(net.classifier[0])  # LayerNorm2d: keys classifier.0.*
+    return nn.Sequential(trunk), linear.in_features
 
 
 @dataclass
 class BackboneLoadReport:
-    """What a non-strict backbone load left out, by backbone key."""
+    """What a non-strict backbone load left out or adapted, by backbone key."""
 
     missing_keys: list[str] = field(default_factory=list)  # in the backbone, not in the file
     unexpected_keys: list[str] = field(default_factory=list)  # in the file, not in the backbone
     ignored_keys: list[str] = field(default_factory=list)  # file keys of other parts (fc, head)
+    # ViT position embeddings interpolated from the file's image size to the model's (the crop)
+    resized_keys: list[str] = field(default_factory=list)
 
 
 def load_pretrained_backbone(
     backbone: nn.Module, arch: str, pretrained: str | os.PathLike
 ) -> BackboneLoadReport:
-    """Load "imagenet" (torchvision) or a local checkpoint into a `resnet_trunk`."""
+    """Load "imagenet" (torchvision's DEFAULT weights) or a local checkpoint into a trunk of
+    `build_model` (`model.backbone`)."""
     if pretrained == "imagenet":
-        weights = _IMAGENET_WEIGHTS[arch]
+        weights = imagenet_weights(arch)
         return load_backbone_state(backbone, imagenet_state_dict(arch), f"torchvision {weights}")
     return load_backbone_state(backbone, read_state_dict(pretrained), os.fspath(pretrained))
 
 
+def imagenet_weights(arch: str) -> torchvision.models.WeightsEnum:
+    """torchvision's DEFAULT (best published ImageNet) weights of `arch`, e.g.
+    ResNet50_Weights.IMAGENET1K_V2, ConvNeXt_Tiny_Weights.IMAGENET1K_V1."""
+    check_backbone(arch)
+    return torchvision.models.get_model_weights(arch).DEFAULT
+
+
+class WeightsUnavailable(OSError, RuntimeError):
+    """Pretrained weights that could not be fetched (an OSError: launchers report it in one line)."""
+
+
 def imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
     """torchvision's ImageNet weights for `arch`, from torch's hub cache or the network."""
-    weights = _IMAGENET_WEIGHTS[arch]
+    weights = imagenet_weights(arch)
     try:
         return torch.hub.load_state_dict_from_url(
             weights.url, map_location="cpu", progress=False, check_hash=True, weights_only=True
         )
     except Exception as error:  # no network, proxy, corrupt download: all end the same way
         file_name = os.path.basename(weights.url)
-        raise RuntimeError(
+        raise WeightsUnavailable(
             f"could not download torchvision's {arch} ImageNet weights ({weights}) from "
             f"{weights.url}: {type(error).__name__}: {error}. Without network access, copy that "
             f"file here from a machine that has it and pass its path instead: "
@@ -245,13 +372,21 @@ def load_backbone_state(
     """Load backbone weights from a torchvision, DDP-wrapped or full-model state dict.
 
     Keys with a `backbone.` prefix are the trunk when any key has one (other keys, e.g. `head.*`,
-    belong to other parts); otherwise keys are plain torchvision names and `fc.*` is dropped.
-    Shapes must match; missing and unexpected keys are reported (returned and warned once).
+    belong to other parts); otherwise keys are plain torchvision names and the classification
+    layers the trunk does not hold (`fc.*`, `classifier.*`, `head.*`, `heads.*`) are dropped.
+    A ViT's position embedding is interpolated to the model's image size when the file's was
+    made for another (torchvision's weights: 224 px). Other shapes must match; missing and
+    unexpected keys are reported (returned and warned once).
     """
-    trunk_state, ignored = _select_backbone_keys(state, source)
     expected = backbone.state_dict()
+    trunk_state, ignored = _select_backbone_keys(state, source, set(expected))
+    resized = []
     for key, (source_key, tensor) in trunk_state.items():
-        if key in expected and expected[key].shape != tensor.shape:
+        fitted = fit_position_embedding(backbone, key, tensor, source)
+        if fitted is not tensor:
+            trunk_state[key] = (source_key, fitted)
+            resized.append(key)
+        elif key in expected and expected[key].shape != tensor.shape:
             raise DataError(
                 f"{source}: {source_key!r} has shape {tuple(tensor.shape)}, but the backbone's "
                 f"{key!r} has shape {tuple(expected[key].shape)} (a different architecture?)"
@@ -260,7 +395,7 @@ def load_backbone_state(
         {key: tensor for key, (_, tensor) in trunk_state.items()}, strict=False
     )
     report = BackboneLoadReport(
-        sorted(result.missing_keys), sorted(result.unexpected_keys), ignored
+        sorted(result.missing_keys), sorted(result.unexpected_keys), ignored, resized
     )
     if report.missing_keys or report.unexpected_keys:
         warnings.warn(
@@ -272,8 +407,28 @@ def load_backbone_state(
     return report
 
 
+def fit_position_embedding(
+    backbone: nn.Module, key: str, tensor: torch.Tensor, source: str
+) -> torch.Tensor:
+    """A ViT's `encoder.pos_embedding` (key relative to the backbone) made for another image size,
+    interpolated to the backbone's (bicubic on the grid of patches, torchvision's
+    interpolate_embeddings; the class token's entry is kept); any other tensor as it is."""
+    if not isinstance(backbone, VisionTransformer) or key != "encoder.pos_embedding":
+        return tensor
+    wanted = backbone.encoder.pos_embedding.shape  # (1, 1 + (S / patch)^2, C)
+    if tensor.shape == wanted or tensor.dim() != 3 or tensor.shape[2] != wanted[2]:
+        return tensor  # fits, or of another width: the shape check names it
+    try:
+        state = interpolate_embeddings(
+            backbone.image_size, backbone.patch_size, OrderedDict({key: tensor})
+        )
+    except ValueError as error:
+        raise DataError(f"{source}: {key!r} of shape {tuple(tensor.shape)}: {error}") from None
+    return state[key]
+
+
 def _select_backbone_keys(
-    state: dict[str, torch.Tensor], source: str
+    state: dict[str, torch.Tensor], source: str, trunk_keys: set[str]
 ) -> tuple[dict[str, tuple[str, torch.Tensor]], list[str]]:
     """-> ({trunk key: (file key, tensor)}, file keys that belong to other parts)."""
     unwrapped = {_strip_wrappers(key): key for key in state}
@@ -284,7 +439,8 @@ def _select_backbone_keys(
     for key, source_key in unwrapped.items():
         prefix = next((p for p in _BACKBONE_PREFIXES if key.startswith(p)), None)
         trunk_key = key[len(prefix) :] if prefix else key
-        if has_prefix and prefix is None or trunk_key.startswith("fc."):
+        classifier = trunk_key.startswith(_CLASSIFIER_PREFIXES) and trunk_key not in trunk_keys
+        if has_prefix and prefix is None or classifier:
             ignored.append(source_key)  # head, neck, classifier: not part of the trunk
             continue
         if trunk_key in trunk_state:

@@ -70,6 +70,9 @@ def test_dump_and_load_round_trip(tmp_path):
     ("crop = 600\n", ["crop", "resize"]),
     ("recall_at = []\n", ["recall_at"]),
     ("arch = 'vgg'\n", ["arch", "resnet50"]),
+    ("arch = 'convnext_tinny'\n", ["arch", "did you mean 'convnext_tiny'"]),
+    ("arch = 'vit_b_16'\npooling = 'gem'\n", ["pooling", "class token", "avg"]),
+    ("arch = 'vit_b_32'\ncrop = 48\n", ["crop", "vit_b_32", "multiple of 32", "32 or 64"]),
     ("out_dir = ''\n", ["out_dir", "folder path"]),
     ("synthetic_dir = ' '\n", ["synthetic_dir", "folder path"]),
     ("lr = [\n", ["c.toml", "TOML"]),
@@ -131,6 +134,9 @@ def test_one_gpu_recipe_differs_from_the_reference_only_in_batch_and_precision()
     (["--synthetic_dir", ""], ["synthetic_dir: expected a folder path"]),
     (["--snapshot", " "], ["snapshot: expected a path or"]),
     (["--data_root", "\t"], ["data_root: expected a path or"]),
+    (["--arch", "efficientnet_b9"], ["arch: 'efficientnet_b9' is not a known backbone; did you mean"]),
+    (["--arch", "vit_b_16", "--pooling", "gem"], ["pooling: 'gem'", "vit_b_16"]),
+    (["--arch", "vit_b_16", "--crop", "60"], ["crop: vit_b_16", "multiple of 16", "48 or 64"]),
 ])
 def test_unusable_values_and_paths_exit_2_naming_the_key(tmp_path, capsys, flags, words):
     (tmp_path / "a_file").write_text("not a folder")
@@ -220,7 +226,14 @@ def test_max_image_pixels_defaults_to_pils_bomb_limit_and_round_trips(tmp_path):
 
 def test_choices_and_the_margin_rule_are_the_ones_of_the_code_that_uses_them():
     from arcface import head, metrics, model
-    assert config._CHOICES["arch"] is model.ARCHS and set(model.ARCHS) == set(model._RESNETS)
+    assert "arch" not in config._CHOICES  # too many to list: model.check_backbone checks it
+    for arch, pooling, crop in [("vgg16", "avg", 64), ("vit_b_16", "gem", 64), ("vit_b_16", "avg", 60)]:
+        with pytest.raises(ValueError) as model_error:
+            model.check_backbone(arch, pooling, crop)
+        with pytest.raises(ConfigError) as config_error:
+            Config(arch=arch, pooling=pooling, crop=crop, resize=72)
+        assert str(config_error.value) == str(model_error.value)
+    assert all(Config(arch=arch, crop=224, resize=256).arch == arch for arch in model.ARCHS if arch != "vit_h_14")
     assert config._CHOICES["pooling"] is model.POOLINGS
     assert config._CHOICES["ap_mode"] is metrics.AP_MODES
     with pytest.raises(ValueError) as head_error:
@@ -245,16 +258,18 @@ def test_help_has_one_entry_per_field_with_its_text_and_default_grouped_like_the
         assert f"(default: {config._toml_value(getattr(defaults, f.name))})" in flat, f.name
     for section, first in zip(SECTIONS, ["total_epochs", "data_root", "arch", "lr", "device", "recall_at"]):
         assert re.search(rf"^{section}:\n  --{first}\b", text, flags=re.M), section
-    for flag, choices in [("arch", "resnet18,resnet34,resnet50,resnet101,resnet152"), ("amp", "auto,bf16,fp16,off"),
-                          ("device", "auto,cuda,mps,cpu"), ("pooling", "avg,gem"), ("ap_mode", "IR,integrate")]:
+    for flag, choices in [("amp", "auto,bf16,fp16,off"), ("device", "auto,cuda,mps,cpu"), ("pooling", "avg,gem"),
+                          ("ap_mode", "IR,integrate")]:
         assert f"--{flag} {{{choices}}}" in text
+    assert re.search(r"^  --arch ARCH +backbone: a torchvision ResNet, ResNeXt,", text, flags=re.M)
+    assert "Swin-V2 or ViT model by its torchvision name" in flat
     assert "learning rate for a total batch of lr_batch_size images; scaled linearly" in flat
 
 
 def test_choice_flags_take_the_model_and_metric_tuples():
     from arcface import metrics, model
     choices = {a.dest: a.choices for a in config.arg_parser()._actions if a.choices}
-    assert choices["opt_arch"] == model.ARCHS and choices["opt_pooling"] == model.POOLINGS
+    assert "opt_arch" not in choices and choices["opt_pooling"] == model.POOLINGS
     assert choices["opt_ap_mode"] == metrics.AP_MODES
 
 

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -518,3 +519,72 @@ def test_onnx_export_names_missing_packages(run, tmp_path, monkeypatch):
     with pytest.raises(ImportError, match="pip install onnx_package_that_is_not_installed"):
         export.main([str(run.snapshot), "--onnx", str(tmp_path / "model.onnx")])
     assert not (tmp_path / "model.onnx").exists()
+
+
+# ------------------------------------------------------------------------------------------
+# Backbone families beyond ResNet
+
+
+def tiny_vit(weights=None, image_size=224):
+    """torchvision's VisionTransformer class (what vit_b_16 builds) at a fraction of its size."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(image_size, 16, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+@pytest.mark.parametrize("arch", ["mobilenet_v3_small", "vit_b_16"])
+def test_torchscript_export_of_a_conv_net_and_a_vit_matches_eager(tmp_path, monkeypatch, arch):
+    from arcface import model as model_module
+    from tools.common import Embedder, LoadedModel, Preprocess, fingerprint
+
+    monkeypatch.setitem(model_module._BUILDERS, "vit_b_16", tiny_vit)
+    torch.manual_seed(0)
+    embedder = Embedder(model_module.build_model(5, arch, embedding_dim=8, image_size=32)).eval()
+    preprocess = Preprocess(36, 32)
+    eager = LoadedModel(embedder, preprocess, fingerprint(embedder.state_dict(), preprocess), arch, None)
+    path = tmp_path / "model.torchscript.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", torch.jit.TracerWarning)  # export keeps ViT's to itself
+        assert export.export_torchscript(eager, path, export.export_metadata(eager)) < 1e-5
+    exported = load_model(path)
+    images = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (exported.module(images) - embedder(images)).abs().max().item() < 1e-5
+    assert exported.fingerprint == eager.fingerprint and exported.preprocess == preprocess
+
+
+def test_mmpretrain_checkpoints_are_resnets_only(tmp_path):
+    with pytest.raises(ValueError, match=r"--arch convnext_tiny: --mmpretrain loads ResNet checkpoints only"):
+        evaluate.main(["--mmpretrain", str(tmp_path / "any.pth"), "--arch", "convnext_tiny", "--num_classes", "3"])
+    with pytest.raises(ValueError, match=r"arch: 'resnet_50' is not a known backbone; did you mean 'resnet50'"):
+        evaluate.main(["--mmpretrain", str(tmp_path / "any.pth"), "--arch", "resnet_50", "--num_classes", "3"])
+
+
+@pytest.fixture(scope="module")
+def backbone_synthetic_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("backbone_synthetic"))
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+@pytest.mark.parametrize("arch", ["convnext_tiny", "vit_b_16", "efficientnet_b0"])
+def test_a_backbone_trains_evaluates_and_exports_end_to_end(tmp_path, backbone_synthetic_dir, arch):
+    cfg = parse_config(["1", "--config", str(ROOT / "configs" / "smoke.toml"), "--arch", arch, "--crop", "32",
+                        "--resize", "36", "--out_dir", str(tmp_path), "--synthetic_dir", backbone_synthetic_dir])
+    assert single_gpu.main(cfg) == 0
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    last_eval = [record for record in records if "recall@1" in record][-1]
+    assert last_eval["epoch"] == 1
+    snapshot = tmp_path / "snapshot.pt"
+    assert evaluate.main([str(snapshot), "--out", str(tmp_path / "m.json")]) == 0
+    same_metrics(read_json(tmp_path / "m.json"), last_eval)
+    exported = tmp_path / "model.torchscript.pt"
+    assert export.main([str(snapshot), "--torchscript", str(exported)]) == 0
+    assert evaluate.main([str(exported), "--out", str(tmp_path / "e.json")]) == 0
+    same_metrics(read_json(tmp_path / "e.json"), last_eval)
+    if arch == "vit_b_16":  # another crop: the position embeddings are interpolated to it
+        model = load_model(snapshot, resize=52, crop=48)
+        assert model.module(torch.randn(2, 3, 48, 48)).shape == (2, 768)
+        with pytest.raises(ValueError, match=r"crop: vit_b_16 .* multiple of 16; got 40"):
+            load_model(snapshot, crop=40)

@@ -72,6 +72,24 @@ def test_load_train_objs_loads_pretrained_weights_and_says_what_it_left_out(tmp_
     assert f"pretrained: backbone weights from {tmp_path / 'backbone.pth'}; keys 2 ignored" in capsys.readouterr().out
 
 
+def test_load_train_objs_builds_a_vit_for_the_crop_and_fits_pretrained_positions(tmp_path, monkeypatch, capsys):
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    from arcface import model as model_module
+
+    def tiny_vit(weights=None, image_size=224):  # vit_b_16's class, a fraction of its size
+        return VisionTransformer(image_size, 16, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32)
+
+    monkeypatch.setitem(model_module._BUILDERS, "vit_b_16", tiny_vit)
+    torch.save(tiny_vit(image_size=224).state_dict(), tmp_path / "vit.pth")  # torchvision's size
+    values = load_toml("configs/smoke.toml") | dict(synthetic_dir=str(tmp_path), arch="vit_b_16", crop=32)
+    objs = load_train_objs(Config(**values, pretrained=str(tmp_path / "vit.pth")))
+    assert objs.model.backbone.image_size == 32
+    assert objs.model.backbone.encoder.pos_embedding.shape == (1, 1 + 2 * 2, 16)
+    assert ("keys 2 ignored (classifier, head), 1 interpolated to the crop (ViT position embeddings)"
+            in capsys.readouterr().out)
+
+
 def test_steps_per_epoch_matches_loader_length():
     for n, world, batch, accum in [(64, 1, 8, 1), (65, 2, 4, 1), (7, 2, 3, 1), (100, 3, 7, 2), (63, 2, 4, 1)]:
         lengths = {len(torch.utils.data.DataLoader(range(n), batch_size=batch, drop_last=True,

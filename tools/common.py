@@ -28,7 +28,8 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from arcface.inshop import PARTITION_FILE, InShop
-from arcface.model import RetrievalModel, build_model, load_mmpretrain_retriever
+from arcface.model import (MMPRETRAIN_FAMILIES, RetrievalModel, build_model, family_of, fit_position_embedding,
+                           load_mmpretrain_retriever)
 from arcface.transforms import MAX_IMAGE_PIXELS, MEAN_RGB, STD_RGB, check_max_pixels, load_image, test_transform
 from config import Config
 from snapshot import SnapshotError, atomic_output, load_snapshot
@@ -97,7 +98,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("mmpretrain checkpoints (instead of MODEL)")
     group.add_argument("--mmpretrain", default=None, metavar="CHECKPOINT",
                        help="an mmpretrain ArcFace checkpoint, e.g. the published In-Shop ResNet-50")
-    group.add_argument("--arch", default=None, help="resnet18 ... resnet152 (required with --mmpretrain)")
+    group.add_argument("--arch", default=None,
+                       help="its ResNet, e.g. resnet50 (required with --mmpretrain; snapshots and exports "
+                            "record theirs)")
     group.add_argument("--num_classes", type=int, default=None,
                        help="classes of its ArcFace head, 3997 for In-Shop (required with --mmpretrain)")
     group.add_argument("--sub_centers", type=int, default=1)
@@ -186,14 +189,20 @@ def load_training_snapshot(path: Path, resize: int | None = None, crop: int | No
             "checkpoint use --mmpretrain FILE --arch ARCH --num_classes N"
         ) from None
     cfg = training_config(snapshot["config"], path)
+    preprocess = Preprocess(resize or cfg.resize, crop or cfg.crop)
     # The ArcFace scale and margins only shape training logits: embeddings do not depend on them.
+    # A ViT is built for the crop it will see; its position embeddings, made for the training
+    # crop, are interpolated when --crop asks for another.
     model = build_model(num_classes=snapshot["num_classes"], arch=cfg.arch, pooling=cfg.pooling,
-                        embedding_dim=cfg.embedding_dim or None, sub_centers=cfg.sub_centers)
+                        embedding_dim=cfg.embedding_dim or None, sub_centers=cfg.sub_centers,
+                        image_size=preprocess.crop)
+    prefix = "backbone."
+    state = {key: fit_position_embedding(model.backbone, key.removeprefix(prefix), tensor, str(path))
+             if key.startswith(prefix) else tensor for key, tensor in snapshot["model"].items()}
     try:
-        model.load_state_dict(snapshot["model"], strict=True)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as error:
         raise SnapshotError(f"{path}: the weights do not fit the model its config describes: {error}") from None
-    preprocess = Preprocess(resize or cfg.resize, crop or cfg.crop)
     embedder = Embedder(model).eval()
     return LoadedModel(embedder, preprocess, fingerprint(embedder.state_dict(), preprocess),
                        f"snapshot {path} (epoch {snapshot['epochs_run']})", snapshot["config"])
@@ -215,9 +224,13 @@ def load_mmpretrain(path: str | os.PathLike, arch: str, num_classes: int, sub_ce
     if num_classes < 1 or sub_centers < 1:
         raise ValueError(f"--num_classes and --sub_centers: expected integers >= 1, "
                          f"got {num_classes} and {sub_centers}")
-    model = build_model(num_classes=num_classes, arch=arch, pooling=pooling, sub_centers=sub_centers)
-    load_mmpretrain_retriever(model, path)
+    if family_of(arch) not in MMPRETRAIN_FAMILIES:
+        raise ValueError(f"--arch {arch}: --mmpretrain loads ResNet checkpoints only (mmpretrain's ResNet "
+                         "layout is torchvision's, its other backbones' are not)")
     preprocess = Preprocess(resize or MMPRETRAIN_RESIZE, crop or MMPRETRAIN_CROP)
+    model = build_model(num_classes=num_classes, arch=arch, pooling=pooling, sub_centers=sub_centers,
+                        image_size=preprocess.crop)
+    load_mmpretrain_retriever(model, path)
     embedder = Embedder(model).eval()
     return LoadedModel(embedder, preprocess, fingerprint(embedder.state_dict(), preprocess),
                        f"mmpretrain {path} ({arch}, {num_classes} classes)", None)

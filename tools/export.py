@@ -10,7 +10,8 @@ aspect ratio, centre-cropped and normalised as (x - mean) / std on the 0-255 sca
 statistics: TorchScript as the extra file `retrieval.json` (tools/evaluate.py and
 tools/search.py read it), ONNX as the metadata entry `retrieval`. Each export is run back from
 its file on a batch of random images and compared with the eager model before it is moved into
-place; the maximum absolute difference is printed. ONNX is an optional extra:
+place; the maximum absolute difference is printed. Every backbone family exports, ViT and Swin
+too: TorchScript by tracing, for the one crop the file records. ONNX is an optional extra:
 `pip install onnx onnxscript onnxruntime`.
 """
 from __future__ import annotations
@@ -109,6 +110,10 @@ def export_torchscript(model: LoadedModel, path: str | Path, metadata: dict[str,
     with torch.no_grad(), warnings.catch_warnings():
         # torch >= 2.9 marks TorchScript deprecated, yet it is what C++ (libtorch) deployments load.
         warnings.simplefilter("ignore", FutureWarning)
+        # ViT and Swin read the image size as Python numbers (ViT's size check, Swin's window
+        # padding), which the tracer warns about: the export is for one crop anyway, and the
+        # check below runs another batch size, so a batch size frozen into the trace would fail it.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         traced = torch.jit.trace(module, example_images(model, EXAMPLE_BATCH))
         with atomic_output(path) as tmp:
             torch.jit.save(traced, str(tmp), _extra_files={EXPORT_METADATA_FILE: json.dumps(metadata)})
