@@ -495,6 +495,27 @@ def test_torchscript_export_matches_eager_and_evaluates(run, tmp_path, capsys):
     same_metrics(read_json(tmp_path / "m.json"), run.last_eval)
 
 
+def test_torch_export_program_matches_eager_and_evaluates(run, tmp_path, capsys):
+    path = tmp_path / "model.pt2"
+    assert export.main([str(run.snapshot), "--exported", str(path)]) == 0
+    assert "ExportedProgram written to" in capsys.readouterr().out
+    assert not (tmp_path / "model.torchscript.pt").exists()  # only what was asked for
+    extra = {"retrieval.json": ""}
+    program = torch.export.load(str(path), extra_files=extra).module()
+    assert (json.loads(extra["retrieval.json"])["crop"]) == 28
+    eager = load_model(run.snapshot)
+    for batch in (1, 7):  # the batch dimension stayed dynamic
+        images = torch.randn(batch, 3, 28, 28, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            assert (program(images) - eager.module(images)).abs().max().item() < 1e-5
+    loaded = load_model(path)
+    assert loaded.fingerprint == eager.fingerprint and loaded.source.startswith("ExportedProgram")
+    assert evaluate.main([str(path), "--out", str(tmp_path / "m.json")]) == 0
+    same_metrics(read_json(tmp_path / "m.json"), run.last_eval)
+    with pytest.raises(ValueError, match="already an export"):
+        export.main([str(path), "--exported", str(tmp_path / "again.pt2")])
+
+
 def test_onnx_export_matches_eager(run, tmp_path):
     missing = [name for name in export.ONNX_PACKAGES if importlib.util.find_spec(name) is None]
     if missing:

@@ -160,16 +160,26 @@ class IndexMismatch(RuntimeError):
 
 
 def load_model(path: str | os.PathLike, resize: int | None = None, crop: int | None = None) -> LoadedModel:
-    """A training snapshot or a TorchScript export -> LoadedModel (on the CPU, eval mode)."""
+    """A training snapshot, a TorchScript export or a torch.export archive -> LoadedModel (CPU, eval mode)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
             f"{path}: no such model file; expected a training snapshot (<out_dir>/snapshot.pt) "
-            "or a TorchScript export of tools/export.py"
+            "or an export of tools/export.py (TorchScript or torch.export)"
         )
     if is_torchscript(path):
         return load_torchscript(path, resize, crop)
+    if is_exported_program(path):
+        return load_exported_program(path, resize, crop)
     return load_training_snapshot(path, resize, crop)
+
+
+def is_exported_program(path: Path) -> bool:
+    """torch.export.save archives hold `<name>/models/model.json` (the serialised graph)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.split("/", 1)[-1] == "models/model.json" for name in archive.namelist())
 
 
 def is_torchscript(path: Path) -> bool:
@@ -243,18 +253,53 @@ def load_torchscript(path: Path, resize: int | None = None, crop: int | None = N
         # torch >= 2.9 marks TorchScript deprecated, yet it is what C++ (libtorch) deployments load.
         warnings.simplefilter("ignore", FutureWarning)
         module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    if not extra[EXPORT_METADATA_FILE]:
-        raise ValueError(f"{path}: a TorchScript file without {EXPORT_METADATA_FILE}; "
-                         "expected an export of tools/export.py (it records the input size)")
-    metadata = json.loads(extra[EXPORT_METADATA_FILE])
-    if metadata.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{path}: {EXPORT_METADATA_FILE} has format {metadata.get('format')!r}, "
-                         f"expected {EXPORT_FORMAT!r}")
+    metadata = _export_metadata(path, extra[EXPORT_METADATA_FILE], "TorchScript file")
     preprocess = Preprocess(resize or metadata["resize"], crop or metadata["crop"],
                             tuple(metadata["mean"]), tuple(metadata["std"]))
     module.eval()
     return LoadedModel(module, preprocess, fingerprint(module.state_dict(), preprocess),
                        f"TorchScript {path}", metadata.get("config"))
+
+
+class ExportedEmbedder(nn.Module):
+    """The module of a torch.export ExportedProgram. It was exported in eval mode and cannot be
+    switched (its graph has no train mode), so train()/eval() leave it as it is."""
+
+    def __init__(self, program: torch.export.ExportedProgram) -> None:
+        super().__init__()
+        self.graph = program.module()
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.graph(images)
+
+    def train(self, mode: bool = True) -> ExportedEmbedder:
+        return self
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return self.graph.state_dict(*args, **kwargs)  # the embedder's own key names
+
+
+def load_exported_program(path: Path, resize: int | None = None, crop: int | None = None) -> LoadedModel:
+    """A torch.export archive of tools/export.py. Like TorchScript, it is a program: trusted files only."""
+    extra = {EXPORT_METADATA_FILE: ""}
+    program = torch.export.load(str(path), extra_files=extra)
+    metadata = _export_metadata(path, extra[EXPORT_METADATA_FILE], "torch.export archive")
+    preprocess = Preprocess(resize or metadata["resize"], crop or metadata["crop"],
+                            tuple(metadata["mean"]), tuple(metadata["std"]))
+    module = ExportedEmbedder(program)
+    return LoadedModel(module, preprocess, fingerprint(module.state_dict(), preprocess),
+                       f"ExportedProgram {path}", metadata.get("config"))
+
+
+def _export_metadata(path: Path, text: str, kind: str) -> dict[str, Any]:
+    if not text:
+        raise ValueError(f"{path}: a {kind} without {EXPORT_METADATA_FILE}; "
+                         "expected an export of tools/export.py (it records the input size)")
+    metadata = json.loads(text)
+    if metadata.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{path}: {EXPORT_METADATA_FILE} has format {metadata.get('format')!r}, "
+                         f"expected {EXPORT_FORMAT!r}")
+    return metadata
 
 
 def fingerprint(state: dict[str, Tensor], preprocess: Preprocess) -> str:

@@ -2,13 +2,16 @@
 
     python tools/export.py runs/demo/snapshot.pt                     # -> runs/demo/snapshot.torchscript.pt
     python tools/export.py runs/demo/snapshot.pt --torchscript model.pt --onnx model.onnx
+    python tools/export.py runs/demo/snapshot.pt --exported model.pt2   # torch.export (ExportedProgram)
     python tools/export.py --mmpretrain inshop_r50.pth --arch resnet50 --num_classes 3997 --onnx r50.onnx
 
 Input: float32 images (N, 3, crop, crop), RGB, resized to (resize, resize) without keeping the
 aspect ratio, centre-cropped and normalised as (x - mean) / std on the 0-255 scale. Output:
 (N, D) embeddings, not normalised; rank by cosine similarity. Both files record these sizes and
-statistics: TorchScript as the extra file `retrieval.json` (tools/evaluate.py and
-tools/search.py read it), ONNX as the metadata entry `retrieval`. Each export is run back from
+statistics: TorchScript and torch.export archives as the extra file `retrieval.json`
+(tools/evaluate.py, tools/search.py and tools.api read both), ONNX as the metadata entry
+`retrieval`. torch.export (`torch.export.load(path).module()`) is PyTorch's successor of
+TorchScript, which recent torch marks deprecated; TorchScript stays for libtorch (C++) users. Each export is run back from
 its file on a batch of random images and compared with the eager model before it is moved into
 place; the maximum absolute difference is printed. Every backbone family exports, ViT and Swin
 too: TorchScript by tracing, for the one crop the file records. ONNX is an optional extra:
@@ -33,7 +36,7 @@ import torch
 from torch import Tensor
 
 from tools.common import (EXPORT_FORMAT, EXPORT_METADATA_FILE, LoadedModel, add_model_args, atomic_output,
-                          is_torchscript, model_from_args, run_cli)
+                          is_exported_program, is_torchscript, model_from_args, run_cli)
 
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")  # exporter, its dynamo back end, the check
 ONNX_METADATA_KEY = "retrieval"
@@ -47,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="TorchScript file to write (default when --onnx is not given: "
                              "<model>.torchscript.pt next to the model)")
     parser.add_argument("--onnx", default=None, metavar="FILE", help="ONNX file to write")
+    parser.add_argument("--exported", default=None, metavar="FILE",
+                        help="torch.export archive (ExportedProgram, .pt2) to write, batch size dynamic")
     parser.add_argument("--tolerance", type=float, default=1e-4,
                         help="largest allowed |export - eager|, relative to the largest eager output")
     return parser.parse_args(argv)
@@ -54,14 +59,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.model is not None and Path(args.model).is_file() and is_torchscript(Path(args.model)):
-        raise ValueError(f"{args.model}: already a TorchScript export; export from the snapshot instead")
+    if args.model is not None and Path(args.model).is_file() and (is_torchscript(Path(args.model))
+                                                               or is_exported_program(Path(args.model))):
+        raise ValueError(f"{args.model}: already an export; export from the snapshot instead")
     if args.onnx:
         require_onnx()  # before any work: a missing extra should not cost a TorchScript export first
     model = model_from_args(args)
     metadata = export_metadata(model)
     torchscript_path = args.torchscript
-    if torchscript_path is None and args.onnx is None:
+    if torchscript_path is None and args.onnx is None and args.exported is None:
         model_file = Path(args.mmpretrain or args.model)
         torchscript_path = model_file.with_name(model_file.stem + ".torchscript.pt")
     if torchscript_path:
@@ -70,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.onnx:
         difference = export_onnx(model, args.onnx, metadata, args.tolerance)
         print(f"ONNX written to {args.onnx}: max |export - eager| = {difference:.3g}")
+    if args.exported:
+        difference = export_program(model, args.exported, metadata, args.tolerance)
+        print(f"ExportedProgram written to {args.exported}: max |export - eager| = {difference:.3g}")
     return 0
 
 
@@ -120,6 +129,24 @@ def export_torchscript(model: LoadedModel, path: str | Path, metadata: dict[str,
             reloaded = torch.jit.load(str(tmp), map_location="cpu")
             check_images = example_images(model, CHECK_BATCH, seed=1)
             difference = check_close("TorchScript", reloaded(check_images), module(check_images), tolerance)
+    return difference
+
+
+# ------------------------------------------------------------------------------------------
+# torch.export
+
+
+def export_program(model: LoadedModel, path: str | Path, metadata: dict[str, Any], tolerance: float = 1e-4) -> float:
+    """torch.export with a dynamic batch, save, load back and compare; returns the max abs difference."""
+    module = model.module.eval()
+    with torch.no_grad():
+        program = torch.export.export(module, (example_images(model, EXAMPLE_BATCH),),
+                                      dynamic_shapes=({0: torch.export.Dim.DYNAMIC},))
+        with atomic_output(path) as tmp:
+            torch.export.save(program, str(tmp), extra_files={EXPORT_METADATA_FILE: json.dumps(metadata)})
+            reloaded = torch.export.load(str(tmp)).module()
+            check_images = example_images(model, CHECK_BATCH, seed=1)
+            difference = check_close("ExportedProgram", reloaded(check_images), module(check_images), tolerance)
     return difference
 
 
