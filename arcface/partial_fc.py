@@ -352,19 +352,19 @@ class PartialFCHead(nn.Module):
     def _margin_logits(self, features: torch.Tensor, classes: torch.Tensor,
                        target: torch.Tensor) -> torch.Tensor:
         """(N, d) features, (S,) local classes, (N,) columns -> (N, S) float32 margin logits."""
-        n, k, d = len(features), self.sub_centers, self.in_features
-        if len(classes) == self.num_local_classes:
+        n, s, k, d = len(features), len(classes), self.sub_centers, self.in_features
+        if s == self.num_local_classes:
             weight = self.weight  # (S*k, d)
         else:
             # The gradient of the unsampled rows is zero (see the module docstring).
-            weight = self.weight.view(-1, k, d).index_select(0, classes).view(-1, d)  # (S*k, d)
+            weight = self.weight.view(-1, k, d).index_select(0, classes).view(s * k, d)  # (S*k, d)
         x = F.normalize(features, dim=1)  # (N, d)
         # cos = x . w / |w|: dividing the (N, S*k) product by the row norms, instead of
         # normalising the (S*k, d) rows as ArcFaceHead does, spares a copy of the shard (and of
         # its gradient) whenever d > N. The same function: equal up to float rounding.
         inv_norm = 1.0 / weight.norm(dim=1).clamp_min(1e-12)  # (S*k,) F.normalize's eps
         cos = ((x @ weight.T) * inv_norm).clamp(-1.0, 1.0)  # (N, S*k)
-        cos = cos.view(n, -1) if k == 1 else cos.view(n, -1, k).amax(dim=2)  # (N, S)
+        cos = cos.view(n, s) if k == 1 else cos.view(n, s, k).amax(dim=2)  # (N, S)
         rows = (target >= 0).nonzero().squeeze(1)  # (P,) samples whose class is here
         cols = target[rows]  # (P,)
         # The dense head's margin function (it reads only easy_margin), so both stay one formula.
