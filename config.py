@@ -94,6 +94,10 @@ class Config:
     margin_file: str = _setting("", "one margin per class, one per line; overrides margin")
     sub_centers: int = _setting(1, "ArcFace weight vectors per class (1: plain ArcFace)")
     easy_margin: bool = _setting(False, "margin only where cos > 0, instead of the large-angle fallback")
+    partial_fc: float = _setting(
+        0.0, "0: a dense ArcFace head on every process (DDP). r in (0, 1]: Partial FC, the class "
+        "centres sharded over the processes and a fraction r of each shard's negative classes "
+        "scored per step (1 = all of them: the dense head's result)")
 
     # 8x the recipe's 0.02: the demo learns from scratch, in six short epochs.
     lr: float = _setting(0.16, "learning rate for a total batch of lr_batch_size images; scaled linearly "
@@ -150,7 +154,7 @@ _POSITIVE = {
     "lr_batch_size", "grad_accum_steps", "lr", "scale", "max_image_pixels", "collective_timeout_s",
 }
 _NON_NEGATIVE = {
-    "num_workers", "embedding_dim", "global_batch_size", "margin", "momentum", "weight_decay", "warmup_epochs",
+    "num_workers", "embedding_dim", "global_batch_size", "partial_fc", "margin", "momentum", "weight_decay", "warmup_epochs",
     "warmup_factor", "min_lr", "clip_grad_norm", "seed", "synthetic_seed",
 }
 # Upper bounds far past any real job (the reference recipe: 50 epochs, 512 px, 32 images per
@@ -212,6 +216,15 @@ def _validate(cfg: Config) -> None:
         check_margin(cfg.margin, "margin")
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    if cfg.partial_fc > 1:
+        raise ConfigError(f"partial_fc: expected 0 (dense head) or a sampling rate in (0, 1], got {cfg.partial_fc}")
+    if cfg.partial_fc and cfg.amp == "fp16":
+        # fp16's loss scaler skips a step where one shard's gradient overflows: the shards would
+        # have to agree on every skip.
+        raise ConfigError("partial_fc: needs amp bf16, auto or off (fp16's loss scaler is per process)")
+    if cfg.partial_fc and cfg.compile:
+        raise ConfigError("partial_fc: cannot be compiled (its collectives run inside the forward); "
+                          "leave compile off")
     if cfg.global_batch_size and cfg.grad_accum_steps != 1:
         raise ConfigError(f"grad_accum_steps: derived from global_batch_size ({cfg.global_batch_size}) when it "
                           f"is set; leave it at 1, got {cfg.grad_accum_steps}")

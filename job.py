@@ -16,7 +16,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import runtime
+from arcface.head import ArcFaceHead
 from arcface.model import BackboneLoadReport, RetrievalModel, build_model, load_pretrained_backbone
+from arcface.partial_fc import PartialFCHead
 from config import Config, ConfigError
 from datautils import load_datasets
 
@@ -61,6 +63,8 @@ def load_train_objs(cfg: Config) -> TrainObjects:
         embedding_dim=cfg.embedding_dim or None, scale=cfg.scale, margin=cfg.margin_file or cfg.margin,
         sub_centers=cfg.sub_centers, easy_margin=cfg.easy_margin, image_size=cfg.crop,
     )
+    if cfg.partial_fc:
+        model.head = shard_head(model.head, cfg.partial_fc, cfg.seed)
     if cfg.pretrained:
         report = load_pretrained_backbone(model.backbone, cfg.arch, cfg.pretrained)
         if runtime.is_main_process():
@@ -68,6 +72,17 @@ def load_train_objs(cfg: Config) -> TrainObjects:
     schedule = make_schedule(cfg, len(train_set))
     return TrainObjects(train_set, query_set, gallery_set, model, make_optimizer(cfg, model, schedule),
                         schedule)
+
+
+def shard_head(head: ArcFaceHead, sample_rate: float, seed: int = 0) -> PartialFCHead:
+    """This process's Partial FC shard of `head`: its rows, margins and settings (so a sharded run
+    starts where the dense one does). The dense head is built first: arcface/partial_fc.py says
+    how far that goes."""
+    sharded = PartialFCHead(head.in_features, head.num_classes, head.scale, head.margin.tolist(),
+                            head.sub_centers, head.easy_margin, sample_rate=sample_rate, seed=seed,
+                            init="sharded")  # the rows are overwritten: no second dense draw
+    sharded.load_dense(head.weight.detach())
+    return sharded
 
 
 def pretrained_summary(source: str, report: BackboneLoadReport) -> str:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from arcface.partial_fc import PartialFCHead
 from config import Config
 from runtime import UserError
 
@@ -116,6 +117,49 @@ def _nearly_full(path: Path) -> bool:
 def _first_line_of(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+# ------------------------------------------------------------------------------------------
+# The dense layout of a sharded head
+
+
+def dense_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The model's and the optimizer's state dicts as a snapshot keeps them.
+
+    A Partial FC head (and its momentum) is gathered into the dense ArcFace layout on rank 0, so
+    that every tool and any world size reads the snapshot: a collective then, on every rank.
+    """
+    model_state, optimizer_state = model.state_dict(), optimizer.state_dict()
+    head = getattr(model, "head", None)
+    if isinstance(head, PartialFCHead):
+        weight = head.gather_dense(head.weight, dst=0)
+        momentum = head.gather_optimizer_state(optimizer, dst=0)
+        if head.rank == 0:
+            model_state["head.weight"] = weight
+            if momentum:
+                optimizer_state["state"][_param_index(optimizer, head.weight)] = momentum
+    return model_state, optimizer_state
+
+
+def sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict[str, Any],
+                  optimizer_state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A snapshot's dense head (and momentum) cut to this process's Partial FC shard."""
+    head = model.head
+    model_state = {**model_state, "head.weight": head.local_rows(model_state["head.weight"])}
+    index = _param_index(optimizer, head.weight)
+    saved = optimizer_state["state"].get(index)
+    if saved:
+        rows = head.num_classes * head.sub_centers
+        local = {k: head.local_rows(v) if torch.is_tensor(v) and v.ndim == 2 and v.shape[0] == rows else v
+                 for k, v in saved.items()}
+        optimizer_state = {**optimizer_state, "state": {**optimizer_state["state"], index: local}}
+    return model_state, optimizer_state
+
+
+def _param_index(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> int:
+    """`param`'s key in optimizer.state_dict()["state"]."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return next(i for i, p in enumerate(params) if p is param)
 
 
 # ------------------------------------------------------------------------------------------

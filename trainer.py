@@ -24,12 +24,15 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import runtime
+from arcface import partial_fc
+from arcface.partial_fc import PartialFCHead
 from arcface.retrieval import evaluate_loaders, prepare_eval_loader
 from config import Config, dump_toml
 from job import Schedule
 from rundir import RunDir, claim_run_dir, format_record
 from runtime import UserError
-from snapshot import SNAPSHOT_VERSION, check_snapshot, fetch_newest_snapshot, position_text, save_snapshot
+from snapshot import (SNAPSHOT_VERSION, check_snapshot, dense_state, fetch_newest_snapshot, position_text,
+                      save_snapshot, sharded_state)
 
 
 class Diverged(UserError, FloatingPointError):
@@ -58,6 +61,8 @@ class Trainer:
         self._check_schedule(train_data)
         self.amp_dtype = runtime.autocast_dtype(cfg.amp, device)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        # Partial FC: the head's classes are sharded over the processes and it returns the loss.
+        self.sharded_head = isinstance(getattr(model, "head", None), PartialFCHead)
         self.raw_model, self.ddp_model, self.model = self._wrap_model(model)
         self.train_data = train_data
         self.optimizer = optimizer
@@ -104,6 +109,8 @@ class Trainer:
                 self._say("sync_bn: SyncBatchNorm needs CUDA; training with per-process BatchNorm")
         raw_model = model.to(self.device, memory_format=self.memory_format)
         ddp_model = None
+        if self.sharded_head:
+            partial_fc.ddp_ignore_partial_fc(raw_model)  # each rank's shard is its own: no all-reduce
         if self.world_size > 1:
             ddp_model = DDP(
                 raw_model,
@@ -185,6 +192,8 @@ class Trainer:
                 source = source.contiguous(memory_format=self.memory_format)
             targets = targets.to(self.device, non_blocking=True)
             sync = micro % accum == 0  # all-reduce gradients only on the last micro-batch
+            if self.sharded_head:  # its class sample is drawn per optimizer step: exact on resume
+                self.raw_model.head.sample_step = epoch * self.steps_per_epoch + self.step_in_epoch
             micro_loss += self._run_batch(source, targets, sync)
             if not sync:
                 continue
@@ -208,8 +217,9 @@ class Trainer:
         with no_sync:
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                 enabled=self.amp_dtype is not None):
-                logits = self.model(source, targets)  # (N, classes) margin logits, float32
-            loss = F.cross_entropy(logits, targets)
+                # (N, classes) margin logits, float32; a sharded head returns the global batch's loss
+                output = self.model(source, targets)
+            loss = output if self.sharded_head else F.cross_entropy(output, targets)
             self.scaler.scale(loss / self.schedule.grad_accum_steps).backward()
         return loss.detach()
 
@@ -220,7 +230,12 @@ class Trainer:
             group["lr"] = lr
         if self.cfg.clip_grad_norm > 0:
             self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.clip_grad_norm)
+            if self.sharded_head:  # the norm adds every rank's shard
+                head = self.raw_model.head.weight
+                partial_fc.clip_grad_norm_([p for p in self.raw_model.parameters() if p is not head], [head],
+                                           self.cfg.clip_grad_norm)
+            else:
+                nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.clip_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -305,8 +320,9 @@ class Trainer:
         its share with another model. (Without SyncBatchNorm, that is; the copy is harmless with it.)
         """
         if self.world_size > 1:
-            for buffer in self.raw_model.buffers():
-                dist.broadcast(buffer, src=0)
+            for name, buffer in self.raw_model.named_buffers():
+                if not name.startswith("head."):  # the head is not evaluated; a shard's are its own
+                    dist.broadcast(buffer, src=0)
 
     def _log(self, record: dict[str, Any]) -> None:
         """One summary line on the console and one JSON line in metrics.jsonl (rank 0)."""
@@ -344,28 +360,28 @@ class Trainer:
 
     def _save_snapshot(self) -> None:
         self._check_weights_finite()
-        if not self.is_main:
-            return
-        snapshot = {
-            "format_version": SNAPSHOT_VERSION,
-            "model": self.raw_model.state_dict(),  # the unwrapped module: no `module.` prefixes
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "epochs_run": self.epochs_run,
-            "step_in_epoch": self.step_in_epoch,
-            "steps_per_epoch": self.steps_per_epoch,
-            "global_batch": self.schedule.global_batch,  # steps are the same at any world size with it
-            "num_classes": self._num_classes(),
-            "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.cfg).items()},
-            "history": self.history,
-            "best": self.best,
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-        }
-        save_snapshot(snapshot, self.snapshot_path)
+        model_state, optimizer_state = dense_state(self.raw_model, self.optimizer)
+        if self.is_main:
+            snapshot = {
+                "format_version": SNAPSHOT_VERSION,
+                "model": model_state,  # the unwrapped module: no `module.` prefixes
+                "optimizer": optimizer_state,
+                "scaler": self.scaler.state_dict(),
+                "epochs_run": self.epochs_run,
+                "step_in_epoch": self.step_in_epoch,
+                "steps_per_epoch": self.steps_per_epoch,
+                "global_batch": self.schedule.global_batch,  # steps are the same at any world size with it
+                "num_classes": self._num_classes(),
+                "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.cfg).items()},
+                "history": self.history,
+                "best": self.best,
+                "rng": {"torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            }
+            save_snapshot(snapshot, self.snapshot_path)
+            print(f"snapshot saved {position_text(self.epochs_run, self.step_in_epoch)} to {self.snapshot_path}",
+                  flush=True)
         self.saved_at = (self.epochs_run, self.step_in_epoch)
-        print(f"snapshot saved {position_text(self.epochs_run, self.step_in_epoch)} to {self.snapshot_path}",
-              flush=True)
 
     def _load_snapshot(self) -> dict[str, tuple[Any, Any]]:
         """Resumes from the newest snapshot, if any; returns the settings this run changes."""
@@ -376,8 +392,11 @@ class Trainer:
                                  self.schedule.global_batch)
         # Tensors arrive on the CPU and are copied into the model's device by load_state_dict,
         # which avoids holding a second copy of the weights on the accelerator.
-        self.raw_model.load_state_dict(snapshot["model"], strict=True)
-        self.optimizer.load_state_dict(snapshot["optimizer"])
+        model_state, optimizer_state = snapshot["model"], snapshot["optimizer"]
+        if self.sharded_head:
+            model_state, optimizer_state = sharded_state(self.raw_model, self.optimizer, model_state, optimizer_state)
+        self.raw_model.load_state_dict(model_state, strict=True)
+        self.optimizer.load_state_dict(optimizer_state)
         self.scaler.load_state_dict(snapshot["scaler"])
         self.epochs_run = snapshot["epochs_run"]
         self.step_in_epoch = snapshot["step_in_epoch"]
@@ -391,4 +410,4 @@ class Trainer:
         return changes
 
     def _num_classes(self) -> int:
-        return self.raw_model.head.weight.shape[0] // self.raw_model.head.sub_centers
+        return self.raw_model.head.num_classes
