@@ -362,11 +362,7 @@ class PartialFCHead(nn.Module):
             # The gradient of the unsampled rows is zero (see the module docstring).
             weight = self.weight.view(-1, k, d).index_select(0, classes).view(s * k, d)  # (S*k, d)
         x = F.normalize(features, dim=1)  # (N, d)
-        # cos = x . w / |w|: dividing the (N, S*k) product by the row norms, instead of
-        # normalising the (S*k, d) rows as ArcFaceHead does, spares a copy of the shard (and of
-        # its gradient) whenever d > N. The same function: equal up to float rounding.
-        inv_norm = 1.0 / weight.norm(dim=1).clamp_min(1e-12)  # (S*k,) F.normalize's eps
-        cos = ((x @ weight.T) * inv_norm).clamp(-1.0, 1.0)  # (N, S*k)
+        cos = _RowNormalisedProduct.apply(x, weight).clamp(-1.0, 1.0)  # (N, S*k)
         cos = cos.view(n, s) if k == 1 else cos.view(n, s, k).amax(dim=2)  # (N, S)
         rows = (target >= 0).nonzero().squeeze(1)  # (P,) samples whose class is here
         cols = target[rows]  # (P,)
@@ -466,6 +462,36 @@ class _GatherFeatures(torch.autograd.Function):
         dist.all_reduce(grad)
         start = sum(ctx.sizes[:ctx.rank])
         return grad[start:start + ctx.sizes[ctx.rank]] * len(ctx.sizes), None, None
+
+
+class _RowNormalisedProduct(torch.autograd.Function):
+    """(N, d) x, (R, d) w -> (N, R) x . w / |w|: cosines for unit rows x, without normalising w.
+
+    ArcFaceHead computes x @ normalize(w).T, which holds a normalised copy of the weight and,
+    in backward, its gradient and the normalisation's temporaries: several (R, d) tensors. Here
+    only (N, R) tensors are made besides the weight's gradient itself; with d > N (512 > a global
+    batch of 128) that is the smaller side. The same function: equal up to float rounding.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        inv_norm = 1.0 / weight.norm(dim=1).clamp_min(1e-12)  # (R,) F.normalize's eps
+        out = (x @ weight.T).mul_(inv_norm)  # (N, R)
+        ctx.save_for_backward(x, weight, inv_norm, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, inv_norm, out = ctx.saved_tensors
+        # out = (x . w) / |w|:  d out / d x = w / |w|;  d out / d w = (x - out * w / |w|) / |w|
+        scaled = grad * inv_norm  # (N, R)
+        grad_x = scaled @ weight if ctx.needs_input_grad[0] else None  # (N, d)
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = scaled.T @ x  # (R, d)
+            along_w = (scaled * out).sum(dim=0) * inv_norm  # (R,)
+            grad_weight.addcmul_(weight, along_w[:, None], value=-1.0)  # in place: no (R, d) temporary
+        return grad_x, grad_weight
 
 
 class _ShardedCrossEntropy(torch.autograd.Function):
