@@ -1,6 +1,6 @@
 """Partial FC against the dense ArcFace head on CPU: per-process head memory and step time (gloo).
 
-    python bench/bench_partial_fc.py [--classes 100000 1000000] [--dim 512] [--batch 128]
+    python bench/bench_partial_fc.py [--classes 100000 200000 1000000] [--dim 512] [--batch 128]
                                      [--modes dense pfc1 pfc0.1] [--steps 3] [--world 2]
                                      [--ram_fraction 0.7]
     python bench/bench_partial_fc.py --study unsampled [--seeds 3]
@@ -24,8 +24,11 @@ after one warm-up step.
 RAM guard: a job runs only if its estimated memory (all processes) fits in --ram_fraction of
 MemAvailable; the dense head's estimate is 8 x its weight per process (weight, gradient,
 momentum, and ArcFaceHead's normalised copy of the weight, its gradient and the normalisation's
-temporaries: measured 7.5x at 100k classes) plus activations. A skipped job is listed with the
-memory it would need; `--classes 1000000 --modes dense` on a machine with more RAM runs it.
+temporaries: measured 7.5x at 100k classes, 8.5x at 200k in DDP) plus activations: 1M classes
+x 512-d needs ~17 GiB per process, so on a 24 GiB machine it is skipped. A skipped job is listed
+with the memory it would need (`--classes 1000000 --modes dense` runs it where RAM allows), and
+the Partial FC rows of that class count are then compared with the dense step time extrapolated
+linearly from the dense jobs that ran (marked *): the head's work is linear in the class count.
 
 --study unsampled: what unsampled rows should receive at r < 1 (the decision in
 arcface/partial_fc.py), on one process: 2000 classes, 64-d embeddings of Gaussian clusters
@@ -66,7 +69,7 @@ DENSE_PEAK_WEIGHTS = 8  # the dense head's peak per process, in weight sizes (se
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--classes", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--classes", type=int, nargs="+", default=[100_000, 200_000, 1_000_000])
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--batch", type=int, default=128, help="global batch (all processes)")
     parser.add_argument("--modes", nargs="+", default=["dense", "pfc1", "pfc0.1"],
@@ -128,10 +131,10 @@ def estimate_bytes(mode: str, classes: int, args: argparse.Namespace) -> int:
         per_process = DENSE_PEAK_WEIGHTS * weight + activations
     else:
         shard = weight / args.world
-        activations = 6 * args.batch * (classes / args.world) * _rate(mode) * 4
-        # weight, gradient, momentum, weight decay's temporary, the norm's gradient; the dense
-        # init draws the whole weight once.
-        per_process = max(5 * shard + activations, weight + shard)
+        activations = 5 * args.batch * (classes / args.world) * _rate(mode) * 4
+        # weight, gradient, momentum and SGD's weight-decay temporary (measured: peak 5x the
+        # shard at 200k classes, r = 1); the dense init draws the whole weight once.
+        per_process = max(4 * shard + activations, weight + shard)
     return int(args.world * per_process + args.world * 0.5 * GIB)  # + the interpreter and torch
 
 
@@ -245,14 +248,28 @@ def benchmark(args: argparse.Namespace) -> dict:
 
 
 def _with_ratios(rows: list[dict], args: argparse.Namespace) -> list[dict]:
-    """Adds state / (dense state / world) and step / dense step, where the dense row ran."""
+    """Adds state / (dense state / world) and step / dense step where the dense job ran.
+
+    Where it was skipped, the dense step is extrapolated linearly in the class count from the
+    dense jobs that ran (at least two; the head's work is linear in it), and the dense state is
+    its exact size (weight, gradient, momentum: 3 x classes x dim x 4 bytes).
+    """
     dense = {row["classes"]: row for row in rows if row["mode"] == "dense" and "skipped" not in row}
+    fit = None
+    if len(dense) >= 2:
+        (c0, t0), (c1, t1) = [(c, dense[c]["step_s"]) for c in sorted(dense)[-2:]]
+        fit = lambda classes: t0 + (t1 - t0) * (classes - c0) / (c1 - c0)  # noqa: E731
     for row in rows:
-        reference = dense.get(row["classes"])
-        if reference is None or "skipped" in row or row["mode"] == "dense":
+        if "skipped" in row or row["mode"] == "dense":
             continue
-        row["state_vs_dense_over_world"] = row["state_gib"] / (reference["state_gib"] / args.world)
-        row["step_vs_dense"] = row["step_s"] / reference["step_s"]
+        reference = dense.get(row["classes"])
+        dense_state = reference["state_gib"] if reference else 3 * row["classes"] * args.dim * 4 / GIB
+        row["state_vs_dense_over_world"] = row["state_gib"] / (dense_state / args.world)
+        if reference:
+            row["step_vs_dense"] = row["step_s"] / reference["step_s"]
+        elif fit is not None:
+            row["dense_step_s_extrapolated"] = fit(row["classes"])
+            row["step_vs_dense_extrapolated"] = row["step_s"] / row["dense_step_s_extrapolated"]
     return rows
 
 
@@ -266,8 +283,12 @@ def print_table(result: dict) -> None:
             print(f"{row['classes']:>9} {row['mode']:>8}  skipped: {row['skipped']}")
             continue
         ratios = [f"{row[key]:.3f}" if key in row else "-" for key in ("state_vs_dense_over_world", "step_vs_dense")]
+        if "step_vs_dense_extrapolated" in row:
+            ratios[1] = f"{row['step_vs_dense_extrapolated']:.3f}*"
         print(f"{row['classes']:>9} {row['mode']:>8} {row['state_gib']:>10.3f} {row['peak_gib']:>9.3f} "
               f"{row['init_peak_gib']:>9.3f} {row['step_s']:>8.2f} {ratios[0]:>20} {ratios[1]:>11}")
+    if any("step_vs_dense_extrapolated" in row for row in result["rows"]):
+        print("* against the dense step time extrapolated linearly from the dense jobs that ran")
 
 
 # ------------------------------------------------------------------------------------------

@@ -459,3 +459,28 @@ def test_dense_snapshot_from_3_processes_reshards_onto_2_and_1(tmp_path):
     dense.load_state_dict({"weight": saved["weight"]})
     with pytest.raises(ValueError, match=r"expected a dense weight of shape \(22, 6\)"):
         head.load_dense(saved["weight"][:20])
+
+
+# ------------------------------------------------------------------------------------------
+# bench/bench_partial_fc.py at toy sizes
+
+
+def test_bench_runs_at_toy_sizes_and_guards_ram(capsys):
+    from bench import bench_partial_fc
+
+    threads = torch.get_num_threads()
+    try:
+        result = bench_partial_fc.main(["--classes", "3001", "--dim", "16", "--batch", "8", "--steps", "1",
+                                        "--modes", "dense", "pfc1", "pfc0.5"])
+        skipped = bench_partial_fc.main(["--classes", "3001", "--ram_fraction", "1e-9"])
+        toy = bench_partial_fc._toy_run(0.1, True, 0, classes=40, dim=8, steps=2, batch=8)  # frozen rows
+    finally:
+        torch.set_num_threads(threads)
+    rows = {row["mode"]: row for row in result["rows"]}
+    assert set(rows) == {"dense", "pfc1", "pfc0.5"}
+    for mode in ("pfc1", "pfc0.5"):  # each process: half the dense head, plus the gathered batch
+        assert 1.0 <= rows[mode]["state_vs_dense_over_world"] < 1.01
+        assert rows[mode]["step_s"] > 0 and rows[mode]["peak_gib"] > 0
+    assert all("skipped" in row for row in skipped["rows"])
+    assert math.isfinite(toy["loss"]) and 0 <= toy["top1"] <= 1
+    assert '"bench": "partial_fc"' in capsys.readouterr().out
