@@ -311,3 +311,14 @@ def test_a_toml_file_that_is_not_utf8_names_file_and_line(tmp_path):
     with pytest.raises(ConfigError) as caught:
         config.load_toml(path)
     assert str(caught.value) == f"{path}:2: not UTF-8 text (byte 0xE9 at column 4)"
+
+
+@pytest.mark.parametrize("values, message", [
+    (dict(partial_fc=1.5), "partial_fc: expected 0 .dense head. or a sampling rate in .0, 1., got 1.5"),
+    (dict(partial_fc=-0.1), "partial_fc: expected a value >= 0"),
+    (dict(partial_fc=0.5, amp="fp16"), "partial_fc: needs amp bf16, auto or off"),
+    (dict(partial_fc=1.0, compile=True), "partial_fc: cannot be compiled"),
+])
+def test_partial_fc_values_that_cannot_train_are_refused(values, message):
+    with pytest.raises(ConfigError, match=message):
+        Config(**values)

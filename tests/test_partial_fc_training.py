@@ -98,21 +98,16 @@ def test_a_snapshot_of_3_processes_resumes_on_2_and_on_1(tmp_path, rate):
     # Resuming on 2 and on 1 process gives the same weights, at r = 1 and with sampling alike:
     # the steps, their samples and (for r < 1) their class draws do not depend on the world size
     # ... except the shard boundaries, which decide which negatives a rank draws from.
-    if rate == 1.0:
+    if rate == 1.0:  # the math does not depend on the world size, so all three runs agree
         assert_close_states(on_2, on_1)
+        assert_close_states(on_2, full)
     assert on_1["head.weight"].shape == full["head.weight"].shape == (CLASSES, 8)
 
 
-def test_sampling_below_rate_1_is_reproducible_after_a_resume(tmp_path, monkeypatch):
+def test_sampling_below_rate_1_is_reproducible_after_a_resume(tmp_path):
     spawn(2, tmp_path / "full", partial_fc=0.5)
     mp.spawn(_stop_after_epoch_one, args=(2, runtime.free_port(), str(tmp_path / "resumed"), {"partial_fc": 0.5}),
              nprocs=2)
-    # An uninterrupted run of the same length as the stopped one, then both continue to 3 epochs:
-    spawn(2, tmp_path / "resumed", partial_fc=0.5)
-    mp.spawn(_stop_after_epoch_one, args=(2, runtime.free_port(), str(tmp_path / "again"), {"partial_fc": 0.5}),
-             nprocs=2)
-    spawn(2, tmp_path / "again", partial_fc=0.5)
-    resumed, again = (load_snapshot(tmp_path / d / "snapshot.pt")["model"] for d in ("resumed", "again"))
-    assert_close_states(resumed, again, tol=0.0)  # the same class draws at the same steps
-    full = load_snapshot(tmp_path / "full" / "snapshot.pt")["model"]
-    assert not torch.equal(full["head.weight"], resumed["head.weight"])  # another schedule (1 + 2 epochs)
+    spawn(2, tmp_path / "resumed", partial_fc=0.5)  # (the warm-up spans epoch 1: the same lr as "full")
+    full, resumed = (load_snapshot(tmp_path / d / "snapshot.pt")["model"] for d in ("full", "resumed"))
+    assert_close_states(resumed, full, tol=0.0)  # the same class draws at the same steps
