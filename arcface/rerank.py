@@ -11,8 +11,8 @@ qe: alpha-QE (Radenovic et al., "Fine-tuning CNN image retrieval with no human a
     w(s) = max(s, 0) ** alpha:
         g'_i = (g^_i + sum over the k gallery items j != i nearest g_i of w(cos(g_i, g_j)) g^_j)^
         q'   = (q^ + sum over the k items j of g' nearest q of w(cos(q^, g'_j)) g'_j)^
-    then q' is searched in g' by cosine similarity. Memory: one expanded copy of each set plus
-    one (chunk, G) similarity block.
+    then q' is searched in g' by cosine similarity. Memory: g' and (chunk, G) similarity blocks;
+    the expanded queries are made and searched one chunk at a time.
 
 kr: k-reciprocal re-ranking (Zhong et al., "Re-ranking Person Re-identification with
     k-reciprocal Encoding", CVPR 2017), over the N = Q + G items of both sets, with the
@@ -127,17 +127,16 @@ def rerank_top_k(
     if rerank.method == "kr":
         return k_reciprocal_top_k(query, gallery, k, rerank.kr_k1, rerank.kr_k2, rerank.kr_lambda, chunk_size)
     if rerank.method == "qe":
-        query, gallery = query_expansion(query, gallery, rerank.qe_k, rerank.qe_alpha, chunk_size)
-        return cosine_top_k(query, gallery, k, chunk_size, gallery_is_unit=True)
+        return _query_expansion_top_k(query, gallery, k, rerank.qe_k, rerank.qe_alpha, chunk_size)
     return cosine_top_k(query, gallery, k, chunk_size)
 
 
 def cosine_top_k(
-    query: Tensor, gallery: Tensor, k: int, chunk_size: int = 1024, gallery_is_unit: bool = False
+    query: Tensor, gallery: Tensor, k: int, chunk_size: int = 1024
 ) -> tuple[Tensor, Tensor]:
     """Cosine scores (Q, k') and gallery indices (Q, k'), best first, k' = min(k, G)."""
     compute_dtype = torch.promote_types(query.dtype, torch.float32)
-    gallery_unit = gallery.to(compute_dtype) if gallery_is_unit else F.normalize(gallery.to(compute_dtype), dim=1)
+    gallery_unit = F.normalize(gallery.to(compute_dtype), dim=1)
     k = min(k, gallery.shape[0])
     scores = torch.empty(query.shape[0], k, dtype=compute_dtype, device=query.device)
     indices = torch.empty(query.shape[0], k, dtype=torch.long, device=query.device)
@@ -163,36 +162,61 @@ def query_expansion(
     vector itself weight 1. See the module docstring for the formulas.
     """
     _check_embeddings(query, gallery)
-    compute_dtype = torch.promote_types(query.dtype, torch.float32)
-    gallery_unit = F.normalize(gallery.to(compute_dtype), dim=1)
-    gallery_expanded = _expand(gallery_unit, gallery_unit, k, alpha, chunk_size, skip_self=True)
-    del gallery_unit  # freed before the queries' copy is made
-    query_expanded = _expand(query, gallery_expanded, k, alpha, chunk_size, skip_self=False)
-    return query_expanded, gallery_expanded
+    gallery_expanded = _augment_database(gallery, k, alpha, chunk_size)
+    return _expand(query, gallery_expanded, None, k, alpha, chunk_size, skip_self=False), gallery_expanded
 
 
-def _expand(rows: Tensor, database_unit: Tensor, k: int, alpha: float, chunk_size: int,
-            skip_self: bool) -> Tensor:
+def _query_expansion_top_k(query: Tensor, gallery: Tensor, k: int, qe_k: int, alpha: float,
+                           chunk_size: int) -> tuple[Tensor, Tensor]:
+    """cosine_top_k of query_expansion's vectors, without holding every expanded query at once."""
+    gallery_expanded = _augment_database(gallery, qe_k, alpha, chunk_size)  # (G, D) unit
+    k = min(k, gallery.shape[0])
+    scores = torch.empty(query.shape[0], k, dtype=gallery_expanded.dtype, device=query.device)
+    indices = torch.empty(query.shape[0], k, dtype=torch.long, device=query.device)
+    for start in range(0, query.shape[0], chunk_size):
+        stop = min(start + chunk_size, query.shape[0])
+        expanded = _expand(query[start:stop], gallery_expanded, None, qe_k, alpha, chunk_size, skip_self=False)
+        similarity = expanded @ gallery_expanded.T  # (chunk, G)
+        indices[start:stop] = _top_k_stable(similarity, k)
+        scores[start:stop] = similarity.gather(1, indices[start:stop])
+    return scores, indices
+
+
+def _augment_database(gallery: Tensor, k: int, alpha: float, chunk_size: int) -> Tensor:
+    """(G, D) DBA: each gallery vector with its k nearest others; no normalised copy of the input."""
+    compute_dtype = torch.promote_types(gallery.dtype, torch.float32)
+    gallery = gallery.to(compute_dtype)
+    norms = gallery.norm(dim=1).clamp(min=1e-12)  # F.normalize's eps
+    return _expand(gallery, gallery, norms, k, alpha, chunk_size, skip_self=True)
+
+
+def _expand(rows: Tensor, database: Tensor, database_norms: Tensor | None, k: int, alpha: float,
+            chunk_size: int, skip_self: bool) -> Tensor:
     """(n, D) unit vectors: each row's unit vector plus its k nearest database vectors, weighted.
 
-    With `skip_self`, row i is database item i and is not its own neighbour.
+    `database` holds unit vectors, or any vectors with their norms in `database_norms`. With
+    `skip_self`, row i is database item i and is not its own neighbour.
     """
-    k = min(k, database_unit.shape[0] - int(skip_self))
-    expanded = torch.empty(rows.shape[0], rows.shape[1], dtype=database_unit.dtype, device=rows.device)
+    k = min(k, database.shape[0] - int(skip_self))
+    expanded = torch.empty(rows.shape[0], rows.shape[1], dtype=database.dtype, device=rows.device)
     for start in range(0, rows.shape[0], chunk_size):
         stop = min(start + chunk_size, rows.shape[0])
-        unit = F.normalize(rows[start:stop].to(database_unit.dtype), dim=1)  # (chunk, D)
+        unit = F.normalize(rows[start:stop].to(database.dtype), dim=1)  # (chunk, D)
         chunk = unit.clone()
         if k > 0:
-            similarity = unit @ database_unit.T  # (chunk, G)
+            similarity = unit @ database.T  # (chunk, G)
+            if database_norms is not None:
+                similarity.div_(database_norms)
             if skip_self:
                 own = torch.arange(start, stop, device=rows.device)
                 similarity[own - start, own] = -torch.inf
             neighbours = _top_k_stable(similarity, k)  # (chunk, k)
             weights = similarity.gather(1, neighbours).clamp(min=0).pow(alpha)  # (chunk, k)
             del similarity
+            if database_norms is not None:
+                weights /= database_norms[neighbours]  # the neighbours' unit vectors
             for j in range(k):  # one (chunk, D) gather at a time, not a (chunk, k, D) block
-                chunk.addcmul_(weights[:, j:j + 1], database_unit[neighbours[:, j]])
+                chunk.addcmul_(weights[:, j:j + 1], database[neighbours[:, j]])
         expanded[start:stop] = F.normalize(chunk, dim=1)
     return expanded
 

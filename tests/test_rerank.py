@@ -172,12 +172,16 @@ def test_qe_chunked_equals_the_plain_formulas(k, alpha, chunk_size):
     assert torch.allclose(scores, expected.gather(1, ranked), atol=1e-12)
 
 
-def test_qe_returns_unit_vectors_and_keeps_float32():
+def test_qe_vectors_are_unit_float32_and_search_like_rerank_top_k():
     query, gallery, *_ = clustered(9, 11, 3, 5, seed=4)
-    expanded_query, expanded_gallery = query_expansion(query.float() * 7, gallery.float() * 3, k=2, alpha=3.0)
+    query, gallery = query.float() * 7, gallery.float() * 3
+    expanded_query, expanded_gallery = query_expansion(query, gallery, k=2, alpha=3.0)
     assert expanded_query.dtype == expanded_gallery.dtype == torch.float32
     assert expanded_query.norm(dim=1) == pytest.approx([1.0] * 9, abs=1e-6)
     assert expanded_gallery.norm(dim=1) == pytest.approx([1.0] * 11, abs=1e-6)
+    scores, ranked = cosine_top_k(expanded_query, expanded_gallery, 4)
+    chunked_scores, chunked_ranked = rerank_top_k(query, gallery, 4, Rerank("qe", qe_k=2, qe_alpha=3.0), chunk_size=2)
+    assert torch.equal(chunked_ranked, ranked) and torch.allclose(chunked_scores, scores, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------
