@@ -29,7 +29,7 @@ kr: k-reciprocal re-ranking (Zhong et al., "Re-ranking Person Re-identification 
     lambda cos + (1 - lambda)(1 - d_J), so lambda = 1 is plain cosine ranking, bit for bit.
     The naive form holds (N, N) distance and V matrices (In-Shop: 26,830^2 floats, 2.9 GB each);
     here only neighbour lists (N, k) and sparse V rows are kept, similarities are computed in
-    (chunk, N) blocks, and the Jaccard sums are joined over the shared support of V rows in
+    (chunk, Q) and (chunk, G) blocks, and the Jaccard sums are joined over the shared support of V rows in
     blocks of at most `max_pairs` pairs. V is held in fixed point (int64) and every sum over it is
     an integer sum, exact in any order, so the result is the same on any device and backend (the
     mean over N(p, k2) is kept as a sum: d_J does not change when every V is scaled alike).
@@ -48,8 +48,8 @@ from arcface.metrics import _top_k_stable, ranking_metrics, retrieval_metrics
 RERANK_METHODS = ("none", "qe", "kr")
 # qe: chosen on the demo model (docs/TOOLS.md): on half its queries, the largest mAP@10 whose
 # Recall@1 is at most one point below plain cosine ranking. alpha must spread the weights over
-# the cosines at hand; the demo's all lie above 0.99, so it is large. For embeddings whose
-# cosines spread widely (e.g. whitened), the literature's alpha = 3 is the usual choice.
+# the neighbours' cosines; the demo's nearest neighbours all lie above 0.99, so it is large. For
+# embeddings whose neighbours' cosines spread more, the literature's alpha = 3 is the usual choice.
 QE_K = 3
 QE_ALPHA = 500.0
 # kr: the paper's values for Market-1501, kept (not tuned here).
@@ -145,6 +145,7 @@ def cosine_top_k(
         similarity = F.normalize(query[start:stop].to(compute_dtype), dim=1) @ gallery_unit.T  # (chunk, G)
         indices[start:stop] = _top_k_stable(similarity, k)
         scores[start:stop] = similarity.gather(1, indices[start:stop])
+        del similarity  # freed before the next chunk's block is allocated
     return scores, indices
 
 
@@ -179,6 +180,7 @@ def _query_expansion_top_k(query: Tensor, gallery: Tensor, k: int, qe_k: int, al
         similarity = expanded @ gallery_expanded.T  # (chunk, G)
         indices[start:stop] = _top_k_stable(similarity, k)
         scores[start:stop] = similarity.gather(1, indices[start:stop])
+        del similarity  # freed before the next chunk's block is allocated
     return scores, indices
 
 
@@ -238,16 +240,15 @@ def k_reciprocal_top_k(
     """Scores 1 - d* (Q, k') and gallery indices (Q, k') after k-reciprocal re-ranking, best first.
 
     Items are the queries (0..Q-1) then the gallery (Q..Q+G-1). Memory: one L2-normalised copy of
-    the gallery, (chunk, Q + G) similarity blocks, (N, max(k1, k2)) neighbour lists, sparse V
-    rows, and at most `max_pairs` Jaccard pairs at a time.
+    the gallery, (chunk, Q) or (chunk, G) similarity blocks, (N, max(k1, k2)) neighbour lists,
+    sparse V rows, and at most `max_pairs` Jaccard pairs at a time (docs/TOOLS.md: 333 MiB above
+    the embeddings at In-Shop size).
     """
     _check_embeddings(query, gallery)
     Rerank("kr", kr_k1=k1, kr_k2=k2, kr_lambda=lambda_)  # validates the parameters
     items = _Items(query, gallery)
     neighbours = _neighbour_lists(items, max(k1, k2), chunk_size)  # (N, w), self first
-    expanded_sets = _expanded_reciprocal_sets(neighbours, k1, chunk_size)
-    weights = _gaussian_weights(items, expanded_sets, chunk_size)
-    del expanded_sets
+    weights = _gaussian_weights(items, _expanded_reciprocal_sets(neighbours, k1, chunk_size), chunk_size)
     weights = _local_query_expansion(weights, neighbours[:, :k2], items.size)
     del neighbours
     return _jaccard_top_k(items, weights, k, lambda_, chunk_size, max_pairs)
@@ -324,11 +325,11 @@ def reciprocal_sets(neighbours: Tensor, k: int, chunk_size: int = 4096) -> Tenso
     return reciprocal
 
 
-def _expanded_reciprocal_sets(neighbours: Tensor, k1: int, chunk_size: int) -> Tensor:
-    """(N, m) R*(p) of each item: its members in ascending order, each once; -1 entries are padding."""
+def _expanded_reciprocal_sets(neighbours: Tensor, k1: int, chunk_size: int) -> Iterator[Tensor]:
+    """R*(p) of every item, chunk by chunk: (chunk, m) rows, each row's members in ascending
+    order, each once; -1 entries are padding."""
     full = reciprocal_sets(neighbours, k1, chunk_size)  # (N, k1)
     half = reciprocal_sets(neighbours, (k1 + 1) // 2, chunk_size)  # (N, h)
-    members = []
     for start in range(0, full.shape[0], chunk_size):
         own = full[start:start + chunk_size]  # (chunk, k1) R(p, k1), -1 padded
         candidates = half[own.clamp(min=0)]  # (chunk, k1, h) R(q, h) of each q in R(p, k1)
@@ -341,8 +342,7 @@ def _expanded_reciprocal_sets(neighbours: Tensor, k1: int, chunk_size: int) -> T
         union = torch.cat([own, candidates.flatten(1)], dim=1).sort(dim=1).values  # -1 first
         repeated = torch.zeros_like(union, dtype=torch.bool)
         repeated[:, 1:] = union[:, 1:] == union[:, :-1]
-        members.append(torch.where(repeated, -1, union))
-    return torch.cat(members)
+        yield torch.where(repeated, -1, union)
 
 
 @dataclass
@@ -368,20 +368,29 @@ def _expand_ranges(starts: Tensor, lengths: Tensor, *arrays: Tensor) -> tuple[Te
     return (owner, *(array[positions] for array in arrays))
 
 
-def _gaussian_weights(items: _Items, members: Tensor, chunk_size: int) -> _SparseRows:
-    """V_p[x] = exp(-(1 - cos(p, x))) for x in R*(p) (`members`, -1 padded): fixed-point sparse rows."""
-    valid = members >= 0
-    counts = valid.sum(dim=1)
-    rows = torch.arange(members.shape[0], device=members.device).repeat_interleave(counts)
-    columns = members[valid]  # row-major: each row's members in ascending order
-    values = torch.empty(columns.shape[0], dtype=torch.long, device=members.device)
-    for start in range(0, columns.shape[0], chunk_size):  # (chunk, D) gathers, not (N, m, D)
-        stop = min(start + chunk_size, columns.shape[0])
-        cosine = (items.unit(rows[start:stop]) * items.unit(columns[start:stop])).sum(dim=1)
-        values[start:stop] = torch.round(torch.exp(cosine.double() - 1) * _FIXED_POINT).long()
-    offsets = torch.zeros(members.shape[0] + 1, dtype=torch.long, device=members.device)
-    offsets[1:] = torch.cumsum(counts, dim=0)
-    return _SparseRows(offsets, columns, values)
+def _gaussian_weights(items: _Items, member_chunks: Iterator[Tensor], chunk_size: int) -> _SparseRows:
+    """V_p[x] = exp(-(1 - cos(p, x))) for x in R*(p), as fixed-point sparse rows.
+
+    `member_chunks` yields R*(p) for consecutive rows, (chunk, m) with -1 padding.
+    """
+    all_counts, all_columns, all_values, first_row = [], [], [], 0
+    for members in member_chunks:
+        valid = members >= 0
+        counts = valid.sum(dim=1)
+        rows = torch.arange(first_row, first_row + members.shape[0], device=members.device).repeat_interleave(counts)
+        columns = members[valid]  # row-major: each row's members in ascending order
+        values = torch.empty(columns.shape[0], dtype=torch.long, device=members.device)
+        for start in range(0, columns.shape[0], chunk_size):  # (chunk, D) gathers, not (chunk, m, D)
+            stop = min(start + chunk_size, columns.shape[0])
+            cosine = (items.unit(rows[start:stop]) * items.unit(columns[start:stop])).sum(dim=1)
+            values[start:stop] = torch.round(torch.exp(cosine.double() - 1) * _FIXED_POINT).long()
+        all_counts.append(counts)
+        all_columns.append(columns)
+        all_values.append(values)
+        first_row += members.shape[0]
+    offsets = torch.zeros(first_row + 1, dtype=torch.long, device=items.device)
+    offsets[1:] = torch.cumsum(torch.cat(all_counts), dim=0)
+    return _SparseRows(offsets, torch.cat(all_columns), torch.cat(all_values))
 
 
 def _local_query_expansion(weights: _SparseRows, nearest: Tensor, num_items: int,
@@ -433,11 +442,11 @@ def _jaccard_top_k(items: _Items, weights: _SparseRows, k: int, lambda_: float, 
                                   column_gallery, column_values)  # (block, G) sum of minima
             union = row_sums[first:last, None] + row_sums[None, num_query:] - shared  # sum of maxima
             similarity = (shared.double() / union.double()).to(items.dtype)  # 1 - d_J
-            rows = score[first - start:last - start]
-            rows.mul_(lambda_).add_(similarity, alpha=1 - lambda_)
+            score[first - start:last - start].mul_(lambda_).add_(similarity, alpha=1 - lambda_)
             del shared, union, similarity
         indices[start:stop] = _top_k_stable(score, k)
         scores[start:stop] = score.gather(1, indices[start:stop])
+        del score  # freed before the next chunk's block is allocated
     return scores, indices
 
 
