@@ -115,7 +115,8 @@ def test_evaluate_rerank_kr_reports_its_settings_and_lambda_one_is_plain(run, tm
                           "--out", str(tmp_path / "kr.json")]) == 0
     assert "re-ranked: kr (kr_k1 5, kr_k2 2, kr_lambda 0.3)" in capsys.readouterr().out
     assert read_json(tmp_path / "kr.json")["rerank"] == {"method": "kr", "kr_k1": 5, "kr_k2": 2, "kr_lambda": 0.3}
-    assert evaluate.main([str(run.snapshot), "--rerank", "kr", "--kr_lambda", "1", "--out", str(tmp_path / "one.json")]) == 0
+    assert evaluate.main([str(run.snapshot), "--rerank", "kr", "--kr_lambda", "1",
+                          "--out", str(tmp_path / "one.json")]) == 0
     plain = {key: value for key, value in read_json(tmp_path / "one.json").items() if key != "rerank"}
     assert evaluate.main([str(run.snapshot), "--out", str(tmp_path / "plain.json")]) == 0
     assert plain == read_json(tmp_path / "plain.json")  # lambda = 1: the cosine ranking, bit for bit
