@@ -50,8 +50,7 @@ def retrieval_metrics(
 
     gallery_unit = F.normalize(gallery.to(compute_dtype), dim=1)
     top_k = min(max((*recall_at, *map_at)), gallery.shape[0])
-    recall_hits = {k: 0 for k in recall_at}
-    ap_sums = {k: 0.0 for k in map_at}
+    sums = _MetricSums(recall_at, map_at, ap_mode)
     for start in range(0, query.shape[0], chunk_size):
         stop = min(start + chunk_size, query.shape[0])
         query_unit = F.normalize(query[start:stop].to(compute_dtype), dim=1)
@@ -59,23 +58,70 @@ def retrieval_metrics(
         ranked = _top_k_stable(similarity, top_k)  # (chunk, top_k) gallery indices
         del similarity  # freed before the next chunk's matrix is allocated
         hits = gallery_labels[ranked] == query_labels[start:stop, None]  # (chunk, top_k)
-        chunk_relevant = num_relevant[start:stop]
-        evaluated = chunk_relevant > 0
-        for k in recall_at:
-            recall_hits[k] += int((hits[:, :k].any(dim=1) & evaluated).sum())
-        ap_terms = _ap_terms(hits, ap_mode)
-        for k in map_at:
-            ap = ap_terms[:, :k].sum(dim=1) / chunk_relevant.clamp(min=1)
-            ap_sums[k] += float(ap[evaluated].sum())
+        sums.add(hits, num_relevant[start:stop])
+    return sums.metrics(num_queries, num_skipped)
 
-    metrics: dict[str, float] = {}
-    for k in recall_at:
-        metrics[f"recall@{k}"] = 100.0 * recall_hits[k] / num_queries
-    for k in map_at:
-        metrics[f"mAP@{k}"] = 100.0 * ap_sums[k] / num_queries
-    metrics["num_queries"] = num_queries
-    metrics["num_skipped"] = num_skipped
-    return metrics
+
+def ranking_metrics(
+    ranked: Tensor,
+    query_labels: Tensor,
+    gallery_labels: Tensor,
+    recall_at: Sequence[int] = (1,),
+    map_at: Sequence[int] = (10,),
+    ap_mode: str = "IR",
+    chunk_size: int = 1024,
+) -> dict[str, float]:
+    """retrieval_metrics of rankings made elsewhere (re-ranking): `ranked` (Q, k) gallery indices, best first.
+
+    Row q lists query q's best gallery items; k must be at least min(max(K), G), and columns
+    beyond that are ignored. Same semantics, skipping and dictionary as retrieval_metrics, and
+    the same numbers, bit for bit, when `ranked` is retrieval_metrics' own ranking (rows are
+    summed in the same chunks).
+    """
+    _check_ranking(ranked, query_labels, gallery_labels, recall_at, map_at, ap_mode, chunk_size)
+    query_labels = query_labels.to(ranked.device)
+    gallery_labels = gallery_labels.to(ranked.device)
+    num_relevant = _count_relevant(query_labels, gallery_labels)
+    num_queries = int((num_relevant > 0).sum())
+    num_skipped = ranked.shape[0] - num_queries
+    _check_answerable(num_queries, num_skipped)
+
+    top_k = min(max((*recall_at, *map_at)), gallery_labels.shape[0])
+    sums = _MetricSums(recall_at, map_at, ap_mode)
+    for start in range(0, ranked.shape[0], chunk_size):
+        stop = min(start + chunk_size, ranked.shape[0])
+        hits = gallery_labels[ranked[start:stop, :top_k]] == query_labels[start:stop, None]
+        sums.add(hits, num_relevant[start:stop])
+    return sums.metrics(num_queries, num_skipped)
+
+
+class _MetricSums:
+    """Running Recall@K hit counts and AP@K sums over chunks of queries."""
+
+    def __init__(self, recall_at: Sequence[int], map_at: Sequence[int], ap_mode: str) -> None:
+        self.ap_mode = ap_mode
+        self.recall_hits = {k: 0 for k in recall_at}
+        self.ap_sums = {k: 0.0 for k in map_at}
+
+    def add(self, hits: Tensor, chunk_relevant: Tensor) -> None:
+        """`hits` (chunk, top_k): is the item at each rank relevant; `chunk_relevant` (chunk,): R."""
+        evaluated = chunk_relevant > 0
+        for k in self.recall_hits:
+            self.recall_hits[k] += int((hits[:, :k].any(dim=1) & evaluated).sum())
+        ap_terms = _ap_terms(hits, self.ap_mode)
+        for k in self.ap_sums:
+            ap = ap_terms[:, :k].sum(dim=1) / chunk_relevant.clamp(min=1)
+            self.ap_sums[k] += float(ap[evaluated].sum())
+
+    def metrics(self, num_queries: int, num_skipped: int) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for k, hit_count in self.recall_hits.items():
+            metrics[f"recall@{k}"] = 100.0 * hit_count / num_queries
+        for k, ap_sum in self.ap_sums.items():
+            metrics[f"mAP@{k}"] = 100.0 * ap_sum / num_queries
+        metrics["num_queries"] = num_queries
+        metrics["num_skipped"] = num_skipped
+        return metrics
 
 
 def _check_inputs(
@@ -115,16 +161,51 @@ def _check_inputs(
             )
         if labels.is_floating_point() or labels.is_complex():
             raise ValueError(f"retrieval_metrics: {name} must be integer labels, got {labels.dtype}")
+    _check_settings("retrieval_metrics", recall_at, map_at, ap_mode, chunk_size)
+
+
+def _check_ranking(
+    ranked: Tensor,
+    query_labels: Tensor,
+    gallery_labels: Tensor,
+    recall_at: Sequence[int],
+    map_at: Sequence[int],
+    ap_mode: str,
+    chunk_size: int,
+) -> None:
+    _check_settings("ranking_metrics", recall_at, map_at, ap_mode, chunk_size)
+    for name, labels in (("query_labels", query_labels), ("gallery_labels", gallery_labels)):
+        if labels.dim() != 1 or labels.shape[0] == 0:
+            raise ValueError(f"ranking_metrics: {name} must be non-empty and 1-D, got shape {tuple(labels.shape)}")
+        if labels.is_floating_point() or labels.is_complex():
+            raise ValueError(f"ranking_metrics: {name} must be integer labels, got {labels.dtype}")
+    needed = min(max((*recall_at, *map_at)), gallery_labels.shape[0])
+    if ranked.dim() != 2 or ranked.shape[0] != query_labels.shape[0] or ranked.shape[1] < needed:
+        raise ValueError(
+            f"ranking_metrics: ranked must have shape ({query_labels.shape[0]}, k >= {needed}) "
+            f"(one row per query, at least min(max K, gallery size) columns), got {tuple(ranked.shape)}"
+        )
+    if ranked.is_floating_point() or ranked.is_complex() or ranked.dtype == torch.bool:
+        raise ValueError(f"ranking_metrics: ranked must hold integer gallery indices, got {ranked.dtype}")
+    if ranked.numel() and (int(ranked.min()) < 0 or int(ranked.max()) >= gallery_labels.shape[0]):
+        raise ValueError(
+            f"ranking_metrics: ranked holds indices outside the gallery 0..{gallery_labels.shape[0] - 1}"
+        )
+
+
+def _check_settings(
+    caller: str, recall_at: Sequence[int], map_at: Sequence[int], ap_mode: str, chunk_size: int
+) -> None:
     for name, ks in (("recall_at", recall_at), ("map_at", map_at)):
         for k in ks:
             if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-                raise ValueError(f"retrieval_metrics: {name} entries must be integers >= 1, got {k!r}")
+                raise ValueError(f"{caller}: {name} entries must be integers >= 1, got {k!r}")
     if not recall_at and not map_at:
-        raise ValueError("retrieval_metrics: recall_at and map_at are both empty; nothing to compute")
+        raise ValueError(f"{caller}: recall_at and map_at are both empty; nothing to compute")
     if ap_mode not in AP_MODES:
-        raise ValueError(f"retrieval_metrics: ap_mode must be one of {AP_MODES}, got {ap_mode!r}")
+        raise ValueError(f"{caller}: ap_mode must be one of {AP_MODES}, got {ap_mode!r}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"retrieval_metrics: chunk_size must be an integer >= 1, got {chunk_size!r}")
+        raise ValueError(f"{caller}: chunk_size must be an integer >= 1, got {chunk_size!r}")
 
 
 def _check_answerable(num_queries: int, num_skipped: int) -> None:

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from arcface.metrics import retrieval_metrics
+from arcface.rerank import Rerank, reranked_metrics
 
 
 class _WithIndex(Dataset):
@@ -119,13 +120,14 @@ def evaluate_retrieval(
     autocast_dtype: torch.dtype | None = None,
     channels_last: bool = False,
     progress: bool = False,
+    rerank: Rerank | None = None,
 ) -> dict[str, float]:
     """evaluate_loaders over one-off loaders of both sets: for a single evaluation."""
     query_loader = prepare_eval_loader(query_set, batch_size, device, num_workers)
     gallery_loader = prepare_eval_loader(gallery_set, batch_size, device, num_workers)
     return evaluate_loaders(
         model, query_loader, gallery_loader, device, recall_at, map_at, ap_mode, autocast_dtype, channels_last,
-        progress,
+        progress, rerank,
     )
 
 
@@ -140,12 +142,14 @@ def evaluate_loaders(
     autocast_dtype: torch.dtype | None = None,
     channels_last: bool = False,
     progress: bool = False,
+    rerank: Rerank | None = None,
 ) -> dict[str, float]:
     """Embed both sets and return retrieval_metrics (query vs gallery); same dict on every rank.
 
     The loaders come from prepare_eval_loader. Labels come from `dataset.labels` when the data
     set has it, else from iterating the set. Pass the unwrapped model's embedding function, not
-    the DDP wrapper: evaluation needs no gradient synchronisation.
+    the DDP wrapper: evaluation needs no gradient synchronisation. With `rerank`, the metrics of
+    the re-ranked search (arcface.rerank), computed like the plain ones on the gathered embeddings.
     """
     def embed(loader: DataLoader) -> Tensor:
         return embed_loader(model, loader, device, autocast_dtype, channels_last, progress)
@@ -156,6 +160,11 @@ def evaluate_loaders(
 
     def compute() -> dict[str, float]:
         # Ranking runs on `device`: on a GPU the O(Q x G x D) similarity product is instant.
+        if rerank is not None:
+            return reranked_metrics(
+                query.to(device), gallery.to(device), query_labels, gallery_labels, rerank,
+                recall_at=tuple(recall_at), map_at=tuple(map_at), ap_mode=ap_mode,
+            )
         return retrieval_metrics(
             query.to(device), gallery.to(device), query_labels, gallery_labels,
             recall_at=recall_at, map_at=map_at, ap_mode=ap_mode,

@@ -160,6 +160,14 @@ def test_k_larger_than_gallery_counts_every_item():
     assert metrics["mAP@100"] == pytest.approx(_percent((q0 + q1 + q2) / 3), rel=1e-12)
 
 
+def test_a_k_given_twice_is_counted_once():
+    # Each K is one running sum: naming it twice used to add every hit twice (recall@1 of 200%).
+    problem = _random_problem(30, 40, 8, 5, seed=11)
+    once = retrieval_metrics(*problem, recall_at=(1, 5), map_at=(10,), chunk_size=7)
+    twice = retrieval_metrics(*problem, recall_at=(1, 1, 5), map_at=(10, 10), chunk_size=7)
+    assert twice == once
+
+
 def _random_problem(
     num_query: int, num_gallery: int, dim: int, num_labels: int, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

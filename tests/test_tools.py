@@ -83,6 +83,82 @@ def test_mmpretrain_argument_errors(run):
 
 
 # ------------------------------------------------------------------------------------------
+# re-ranking (arcface/rerank.py)
+
+
+def test_evaluate_rerank_none_is_the_plain_evaluation_bit_for_bit(run, tmp_path):
+    assert evaluate.main([str(run.snapshot), "--out", str(tmp_path / "plain.json")]) == 0
+    assert evaluate.main([str(run.snapshot), "--rerank", "none", "--qe_k", "7",  # parameters of no method
+                          "--out", str(tmp_path / "none.json")]) == 0
+    assert (tmp_path / "none.json").read_text() == (tmp_path / "plain.json").read_text()
+    assert "rerank" not in read_json(tmp_path / "none.json")
+
+
+def test_evaluate_rerank_qe_under_torchrun_equals_one_process(run, tmp_path):
+    flags = ["--rerank", "qe", "--qe_k", "2", "--qe_alpha", "3", "--recall_at", "1", "2", "4",
+             "--map_at", "3", "10", "--batch_size", "5"]
+    assert evaluate.main([str(run.snapshot), *flags, "--out", str(tmp_path / "one.json")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": ""}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "tools/evaluate.py", str(run.snapshot), *flags, *QUIET, "--out", str(tmp_path / "two.json")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "re-ranked: qe (qe_k 2, qe_alpha 3.0)" in proc.stdout
+    one, two = read_json(tmp_path / "one.json"), read_json(tmp_path / "two.json")
+    assert one["rerank"] == two["rerank"] == {"method": "qe", "qe_k": 2, "qe_alpha": 3.0}
+    assert two["num_queries"] == one["num_queries"] and two["num_gallery"] == one["num_gallery"]
+    same_metrics(two, one, keys=("recall@1", "recall@2", "recall@4", "mAP@3", "mAP@10"))
+
+
+def test_evaluate_rerank_kr_reports_its_settings_and_lambda_one_is_plain(run, tmp_path, capsys):
+    assert evaluate.main([str(run.snapshot), "--rerank", "kr", "--kr_k1", "5", "--kr_k2", "2",
+                          "--out", str(tmp_path / "kr.json")]) == 0
+    assert "re-ranked: kr (kr_k1 5, kr_k2 2, kr_lambda 0.3)" in capsys.readouterr().out
+    assert read_json(tmp_path / "kr.json")["rerank"] == {"method": "kr", "kr_k1": 5, "kr_k2": 2, "kr_lambda": 0.3}
+    assert evaluate.main([str(run.snapshot), "--rerank", "kr", "--kr_lambda", "1",
+                          "--out", str(tmp_path / "one.json")]) == 0
+    plain = {key: value for key, value in read_json(tmp_path / "one.json").items() if key != "rerank"}
+    assert evaluate.main([str(run.snapshot), "--out", str(tmp_path / "plain.json")]) == 0
+    assert plain == read_json(tmp_path / "plain.json")  # lambda = 1: the cosine ranking, bit for bit
+
+
+def test_search_rerank_ranks_the_index_and_says_how(run, tmp_path, capsys):
+    flags = ["--query", str(run.root), "--max_queries", "4", "--index", str(tmp_path / "g.idx"), "--top_k", "3",
+             *QUIET]
+    assert search.main([str(run.snapshot), *flags, "--json", str(tmp_path / "plain.json")]) == 0
+    assert search.main([str(run.snapshot), *flags, "--rerank", "none", "--json", str(tmp_path / "none.json")]) == 0
+    assert (tmp_path / "none.json").read_text() == (tmp_path / "plain.json").read_text()
+    index = torch.load(tmp_path / "g.idx", weights_only=True)
+    for method in ("qe", "kr"):
+        capsys.readouterr()
+        assert search.main([str(run.snapshot), *flags, "--rerank", method, "--json", str(tmp_path / "r.json")]) == 0
+        assert f"re-ranked: method {method}" in capsys.readouterr().out
+        report = read_json(tmp_path / "r.json")
+        assert report["rerank"]["method"] == method and len(report["results"]) == 4
+        for result in report["results"]:
+            matches = result["matches"]
+            assert [m["rank"] for m in matches] == [1, 2, 3]
+            assert all(a["score"] >= b["score"] for a, b in zip(matches, matches[1:]))
+            assert all(m["path"] in index["paths"] for m in matches)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--qe_k", "0"], "--qe_k must be an integer >= 1, got 0"),
+    (["--qe_alpha", "-1"], "--qe_alpha must be >= 0, got -1.0"),
+    (["--kr_lambda", "2"], r"--kr_lambda must lie in [0, 1], got 2.0"),
+    (["--rerank", "dba"], "invalid choice: 'dba'"),
+])
+def test_rerank_flag_errors_end_with_usage(tmp_path, monkeypatch, capsys, flags, message):
+    for tool, argv in ((search, ["snapshot.pt", "--query", str(tmp_path)]), (evaluate, ["snapshot.pt"])):
+        monkeypatch.setattr(sys, "argv", [tool.__file__, *argv, *flags])
+        with pytest.raises(SystemExit) as exit_status:
+            tool.main(None)
+        assert exit_status.value.code == 2
+        assert message in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------
 # mmpretrain checkpoints
 
 

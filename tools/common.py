@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 from arcface.inshop import PARTITION_FILE, InShop
 from arcface.model import (MMPRETRAIN_FAMILIES, RetrievalModel, build_model, family_of, fit_position_embedding,
                            load_mmpretrain_retriever)
+from arcface.rerank import KR_K1, KR_K2, KR_LAMBDA, QE_ALPHA, QE_K, RERANK_METHODS, Rerank
 from arcface.transforms import MAX_IMAGE_PIXELS, MEAN_RGB, STD_RGB, check_max_pixels, load_image, test_transform
 from config import Config
 from snapshot import SnapshotError, atomic_output, load_snapshot
@@ -123,6 +124,38 @@ def check_max_pixels_arg(parser: argparse.ArgumentParser, args: argparse.Namespa
         check_max_pixels(args.max_image_pixels)
     except ValueError:
         parser.error(f"--max_image_pixels: expected an integer >= 1, got {args.max_image_pixels}")
+
+
+def add_rerank_args(parser: argparse.ArgumentParser) -> None:
+    """--rerank {none,qe,kr} and the parameters of each method (arcface/rerank.py)."""
+    group = parser.add_argument_group("re-ranking (arcface/rerank.py; docs/TOOLS.md)")
+    group.add_argument("--rerank", choices=RERANK_METHODS, default="none",
+                       help="none: cosine ranking (default); qe: alpha query expansion with database-side "
+                            "augmentation; kr: k-reciprocal re-ranking (Zhong et al. 2017)")
+    group.add_argument("--qe_k", type=int, default=QE_K, metavar="K",
+                       help=f"qe: nearest gallery vectors averaged into each gallery vector and each query "
+                            f"(default {QE_K})")
+    group.add_argument("--qe_alpha", type=float, default=QE_ALPHA, metavar="A",
+                       help=f"qe: neighbour weight max(cos, 0) ** A; 0 weighs them evenly (default {QE_ALPHA:g})")
+    group.add_argument("--kr_k1", type=int, default=KR_K1, metavar="K1",
+                       help=f"kr: neighbourhood size of the k-reciprocal sets (default {KR_K1})")
+    group.add_argument("--kr_k2", type=int, default=KR_K2, metavar="K2",
+                       help=f"kr: neighbours averaged in the local query expansion; 1 turns it off (default {KR_K2})")
+    group.add_argument("--kr_lambda", type=float, default=KR_LAMBDA, metavar="L",
+                       help=f"kr: weight of the cosine distance against the Jaccard distance, in [0, 1]; "
+                            f"1 is plain cosine ranking (default {KR_LAMBDA:g})")
+
+
+def check_rerank_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    try:
+        rerank_from_args(args)
+    except ValueError as error:  # "rerank: qe_k must be ..." -> "--qe_k must be ..."
+        parser.error("--" + str(error).removeprefix("rerank: "))
+
+
+def rerank_from_args(args: argparse.Namespace) -> Rerank:
+    return Rerank(args.rerank, qe_k=args.qe_k, qe_alpha=args.qe_alpha, kr_k1=args.kr_k1, kr_k2=args.kr_k2,
+                  kr_lambda=args.kr_lambda)
 
 
 def model_from_args(args: argparse.Namespace) -> LoadedModel:

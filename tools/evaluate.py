@@ -1,15 +1,18 @@
 """Recall@K and mAP@K of a trained model on an In-Shop query / gallery split.
 
     python tools/evaluate.py runs/demo/snapshot.pt [--data_root R] [--recall_at 1 5 10]
-        [--map_at 10] [--batch_size N] [--out metrics.json]
+        [--map_at 10] [--batch_size N] [--out metrics.json] [--rerank {none,qe,kr}]
     python tools/evaluate.py model.torchscript.pt --data_root data/inshop
     python tools/evaluate.py --mmpretrain resnet50-arcface_inshop.pth --arch resnet50 \\
         --num_classes 3997 --data_root data/inshop
     torchrun --nproc_per_node=4 tools/evaluate.py runs/demo/snapshot.pt      # same numbers, faster
+    python tools/evaluate.py runs/demo/snapshot.pt --rerank qe [--qe_k 2 --qe_alpha 3]
 
 The data root defaults to the data the snapshot was trained on, and K, the batch size and the
 preprocessing to its configuration, so the numbers equal the trainer's last evaluation.
 Under torchrun every process embeds its share; the result is identical for any world size.
+Re-ranking (--rerank qe or kr, arcface/rerank.py) runs on rank 0 on the gathered embeddings, so
+it is identical for any world size too.
 """
 from __future__ import annotations
 
@@ -30,10 +33,11 @@ import torch.distributed as dist
 import runtime
 from arcface.retrieval import evaluate_retrieval
 from arcface.inshop import InShop
+from arcface.rerank import Rerank
 from arcface.transforms import MAX_IMAGE_PIXELS
-from tools.common import (LoadedModel, add_max_pixels_arg, add_model_args, check_max_pixels_arg,
-                          default_data_root, metadata_of, model_from_args, run_cli, training_config,
-                          write_json)
+from tools.common import (LoadedModel, add_max_pixels_arg, add_model_args, add_rerank_args,
+                          check_max_pixels_arg, check_rerank_args, default_data_root, metadata_of,
+                          model_from_args, rerank_from_args, run_cli, training_config, write_json)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,8 +55,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="autocast dtype; default: the training config's (float32 on a CPU)")
     parser.add_argument("--out", default=None, help="also write the metrics to this JSON file")
     add_max_pixels_arg(parser)
+    add_rerank_args(parser)
     args = parser.parse_args(argv)
     check_max_pixels_arg(parser, args)
+    check_rerank_args(parser, args)
     return args
 
 
@@ -62,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         model = model_from_args(args)
         settings = evaluation_settings(args, model)
         data_root = Path(args.data_root) if args.data_root else default_data_root(model)
-        metrics = evaluate(model, data_root, device, **settings, max_pixels=args.max_image_pixels)
+        metrics = evaluate(model, data_root, device, **settings, max_pixels=args.max_image_pixels,
+                           rerank=rerank_from_args(args))
         if runtime.is_main_process():
             report = {**metadata_of(model), "data_root": str(data_root), **metrics}
             print(format_metrics(report))
@@ -89,8 +96,11 @@ def evaluation_settings(args: argparse.Namespace, model: LoadedModel) -> dict[st
 def evaluate(model: LoadedModel, data_root: Path, device: torch.device, recall_at: tuple[int, ...] = (1,),
              map_at: tuple[int, ...] = (10,), ap_mode: str = "IR", batch_size: int = 64,
              num_workers: int = 0, amp: str = "off", channels_last: bool = False,
-             max_pixels: int = MAX_IMAGE_PIXELS) -> dict[str, float]:
-    """Query split against gallery split of `data_root`; the same dict on every process."""
+             max_pixels: int = MAX_IMAGE_PIXELS, rerank: Rerank | None = None) -> dict[str, Any]:
+    """Query split against gallery split of `data_root`; the same dict on every process.
+
+    With a `rerank` other than "none" the dict also says which ({"rerank": {"method", ...}}).
+    """
     transform = model.preprocess.transform()
     query_set = InShop(data_root, "query", transform=transform, max_pixels=max_pixels)
     gallery_set = InShop(data_root, "gallery", transform=transform, max_pixels=max_pixels)
@@ -99,8 +109,10 @@ def evaluate(model: LoadedModel, data_root: Path, device: torch.device, recall_a
         module, query_set, gallery_set, batch_size=batch_size, device=device, recall_at=recall_at,
         map_at=map_at, ap_mode=ap_mode, num_workers=num_workers,
         autocast_dtype=runtime.autocast_dtype(amp, device), channels_last=channels_last,
-        progress=runtime.is_main_process(),
+        progress=runtime.is_main_process(), rerank=rerank,
     )
+    if rerank is not None and rerank.method != "none":
+        metrics["rerank"] = rerank.describe()
     return {**metrics, "num_gallery": len(gallery_set)}
 
 
@@ -122,8 +134,12 @@ def process_group(requested_device: str) -> Iterator[torch.device]:
 
 def format_metrics(report: dict[str, Any]) -> str:
     scores = " | ".join(f"{key} {value:.2f}" for key, value in report.items() if "@" in key)
+    reranked = ""
+    if "rerank" in report:
+        settings = ", ".join(f"{key} {value}" for key, value in report["rerank"].items() if key != "method")
+        reranked = f" | re-ranked: {report['rerank']['method']} ({settings})"
     return (f"{report['model']} on {report['data_root']}\n"
-            f"{report['num_queries']} queries, {report['num_gallery']} gallery images | {scores}")
+            f"{report['num_queries']} queries, {report['num_gallery']} gallery images{reranked} | {scores}")
 
 
 if __name__ == "__main__":

@@ -5,13 +5,15 @@
         --json results.json
     python tools/search.py --mmpretrain inshop_r50.pth --arch resnet50 --num_classes 3997 \\
         --gallery data/inshop --query data/inshop --max_queries 8 --json results.json
+    python tools/search.py runs/demo/snapshot.pt --query queries/ --rerank qe     # re-ranked
 
 The gallery is an In-Shop root (its --gallery_split, default gallery; item ids are kept), any
 folder of images (searched recursively), or one image; by default, the gallery split of the data
 the snapshot was trained on. Queries are an image, a folder, or an In-Shop root (its
 --query_split). The index (default: next to the model, `<model>.index.pt`) holds L2-normalised
 embeddings, paths, item ids, the model's fingerprint and the preprocessing. It is reused while
-model and gallery are unchanged and rebuilt, with a message, when either differs.
+model and gallery are unchanged and rebuilt, with a message, when either differs. --rerank qe
+or kr re-ranks the search (arcface/rerank.py) from the index's embeddings and the queries'.
 """
 from __future__ import annotations
 
@@ -28,11 +30,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import runtime
+from arcface.rerank import rerank_top_k
 from arcface.retrieval import extract_embeddings
 from arcface.transforms import MAX_IMAGE_PIXELS
 from tools.common import (ImageFiles, ImageList, IndexMismatch, LoadedModel, add_max_pixels_arg,
-                          add_model_args, atomic_output, check_max_pixels_arg, default_data_root,
-                          list_images, metadata_of, model_from_args, run_cli, write_json)
+                          add_model_args, add_rerank_args, atomic_output, check_max_pixels_arg,
+                          check_rerank_args, default_data_root, list_images, metadata_of,
+                          model_from_args, rerank_from_args, run_cli, write_json)
 
 INDEX_FORMAT = "arcface-search-index"
 INDEX_VERSION = 1
@@ -58,12 +62,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_workers", type=int, default=2)
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"))
     add_max_pixels_arg(parser)
+    add_rerank_args(parser)
     args = parser.parse_args(argv)
     for flag in ("top_k", "batch_size", "max_queries"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             parser.error(f"--{flag}: expected an integer >= 1, got {value}")
     check_max_pixels_arg(parser, args)
+    check_rerank_args(parser, args)
     return args
 
 
@@ -79,11 +85,18 @@ def main(argv: list[str] | None = None) -> int:
     queries = spread(list_images(args.query, args.query_split), args.max_queries)
     query_embeddings = embed_images(model, queries.paths, device, args.batch_size, args.num_workers,
                                     args.max_image_pixels)
-    scores, ranked = top_k(query_embeddings, index["embeddings"], args.top_k)
+    rerank = rerank_from_args(args)
+    if rerank.method == "none":
+        scores, ranked = top_k(query_embeddings, index["embeddings"], args.top_k)
+    else:
+        # Scores: cosine of the expanded vectors (qe), lambda cos + (1 - lambda) Jaccard similarity (kr).
+        scores, ranked = rerank_top_k(query_embeddings, index["embeddings"], args.top_k, rerank)
+        print(f"re-ranked: {', '.join(f'{key} {value}' for key, value in rerank.describe().items())}")
     results = collect_results(queries, index, scores, ranked)
     print(format_results(results))
     if args.json:
-        write_json({**metadata_of(model), "index": str(index_path), "top_k": ranked.shape[1],
+        reranked = {"rerank": rerank.describe()} if rerank.method != "none" else {}
+        write_json({**metadata_of(model), "index": str(index_path), "top_k": ranked.shape[1], **reranked,
                     "results": results}, args.json)
         print(f"written to {args.json}")
     return 0
