@@ -55,15 +55,7 @@ class ArcFaceHead(nn.Module):
         easy_margin: bool = False,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("in_features", in_features),
-            ("num_classes", num_classes),
-            ("sub_centers", sub_centers),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"ArcFaceHead: {name} must be a positive integer, got {value!r}")
-        if not (math.isfinite(scale) and scale > 0):
-            raise ValueError(f"ArcFaceHead: scale must be a positive number, got {scale!r}")
+        check_head_args("ArcFaceHead", in_features, num_classes, sub_centers, scale)
         self.in_features = in_features
         self.num_classes = num_classes
         self.sub_centers = sub_centers
@@ -136,6 +128,16 @@ class ArcFaceHead(nn.Module):
         # Past theta = pi - m, cos(theta + m) would rise again (theta + m > pi) and reward a
         # worse angle; the reference fallback cos - m*sin(m) stays decreasing in theta.
         return torch.where(cos > torch.cos(math.pi - m), phi, cos - m * torch.sin(m))
+
+
+def check_head_args(owner: str, in_features: int, num_classes: int, sub_centers: int, scale: float) -> None:
+    """ValueError naming `owner` and the argument unless the sizes are positive integers and the
+    scale a positive number (the dense head and its Partial FC shards take the same arguments)."""
+    for name, value in (("in_features", in_features), ("num_classes", num_classes), ("sub_centers", sub_centers)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{owner}: {name} must be a positive integer, got {value!r}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"{owner}: scale must be a positive number, got {scale!r}")
 
 
 def load_margins(

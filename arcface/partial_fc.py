@@ -98,7 +98,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from arcface.head import ArcFaceHead, load_margins
+from arcface.head import ArcFaceHead, check_head_args, load_margins
 
 # Classes per independently seeded block for init="sharded": large enough that generator set-up
 # is negligible, small enough that a block is a small buffer (4096 x 512 floats = 8 MiB).
@@ -207,15 +207,7 @@ class PartialFCHead(nn.Module):
         init: str = "dense",
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("in_features", in_features),
-            ("num_classes", num_classes),
-            ("sub_centers", sub_centers),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"PartialFCHead: {name} must be a positive integer, got {value!r}")
-        if not (math.isfinite(scale) and scale > 0):
-            raise ValueError(f"PartialFCHead: scale must be a positive number, got {scale!r}")
+        check_head_args("PartialFCHead", in_features, num_classes, sub_centers, scale)
         if not (0.0 < sample_rate <= 1.0):
             raise ValueError(f"PartialFCHead: sample_rate must be in (0, 1], got {sample_rate!r}")
         if init not in ("dense", "sharded"):
