@@ -1,4 +1,8 @@
-"""Each launcher runs configs/smoke.toml end to end on the CPU; torchrun restarts resume."""
+"""Each launcher runs configs/smoke.toml end to end on the CPU; torchrun restarts resume.
+
+The slowest cases are marked `slow` (not in the default run: `python -m pytest -m slow` runs them);
+each behaviour they check also has a faster test in the default run.
+"""
 
 import json
 import os
@@ -14,7 +18,6 @@ import pytest
 import runtime
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
 
 
 def env() -> dict[str, str]:
@@ -120,6 +123,7 @@ def test_torchrun_restart_resumes_after_a_worker_is_killed(tmp_path, synthetic_d
     check_complete_run(tmp_path, 4)
 
 
+@pytest.mark.slow
 def test_multigpu_passes_sigterm_to_its_workers_which_stop_with_a_snapshot(tmp_path, synthetic_dir):
     cmd = [sys.executable, "multigpu.py", *smoke_args(tmp_path, synthetic_dir, epochs=12), "--nprocs", "2",
            "--num_workers", "1"]
@@ -154,6 +158,7 @@ def test_sigterm_to_the_process_group_stops_cleanly_with_loader_workers(tmp_path
     assert output.count("SIGTERM received") == 1, output[-4000:]  # the workers stay quiet
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", [["single_gpu.py"], ["multigpu.py", "--nprocs", "2"]])
 def test_an_error_with_loader_workers_exits(tmp_path, synthetic_dir, launcher):
     cmd = [sys.executable, *launcher, *smoke_args(tmp_path, synthetic_dir), "--num_workers", "1", "--lr", "1e12"]
@@ -201,6 +206,7 @@ def spawned_workers(launcher_pid: int) -> list[int]:
             if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
 
 
+@pytest.mark.slow
 def test_a_frozen_worker_ends_the_job_after_collective_timeout_s(tmp_path, synthetic_dir):
     cmd = [sys.executable, "multigpu.py", *smoke_args(tmp_path, synthetic_dir, epochs=12), "--nprocs", "2",
            "--collective_timeout_s", "5"]
@@ -233,6 +239,7 @@ def _relative_differences(a: dict, b: dict) -> dict[str, float]:
             for k in b if b[k].is_floating_point() and "running" not in k}
 
 
+@pytest.mark.slow
 def test_a_two_process_run_stopped_mid_epoch_resumes_under_single_gpu(tmp_path, synthetic_dir):
     import torch
 
@@ -287,9 +294,13 @@ def _damage(root: Path, kind: str) -> str:
     return f"{train_image}"
 
 
+SLOW = pytest.mark.slow
+
+
 @pytest.mark.parametrize("launcher, kind", [
-    (["single_gpu.py"], "row"), (["single_gpu.py"], "utf8"), (["single_gpu.py"], "bomb"),
-    (["single_gpu.py"], "corrupt"), (["multigpu.py", "--nprocs", "2"], "row"),
+    (["single_gpu.py"], "row"), pytest.param(["single_gpu.py"], "utf8", marks=SLOW),
+    pytest.param(["single_gpu.py"], "bomb", marks=SLOW), pytest.param(["single_gpu.py"], "corrupt", marks=SLOW),
+    pytest.param(["multigpu.py", "--nprocs", "2"], "row", marks=SLOW),
     (["multigpu.py", "--nprocs", "2"], "bomb"),  # raised in a loader worker of one rank
 ])
 def test_bad_data_ends_in_one_line_naming_the_file(tmp_path, launcher, kind):
@@ -340,6 +351,7 @@ def test_elastic_torchrun_survives_losing_a_node(tmp_path, synthetic_dir):
     check_complete_run(out, 6)
 
 
+@pytest.mark.slow
 def test_partial_fc_under_multigpu_equals_the_dense_run_and_resumes_under_single_gpu(tmp_path, synthetic_dir):
     import torch
 

@@ -84,7 +84,7 @@ def _stop_after_epoch_one(rank: int, world_size: int, port: int, out_dir: str, c
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("rate", [1.0, 0.5])
+@pytest.mark.parametrize("rate", [1.0, pytest.param(0.5, marks=pytest.mark.slow)])
 def test_a_snapshot_of_3_processes_resumes_on_2_and_on_1(tmp_path, rate):
     spawn(3, tmp_path / "full", partial_fc=rate)
     for resume_world in (2, 1):
