@@ -41,25 +41,15 @@ def retrieval_metrics(
     """
     _check_inputs(query, gallery, query_labels, gallery_labels, recall_at, map_at, ap_mode, chunk_size)
     compute_dtype = torch.promote_types(query.dtype, torch.float32)
-    query_labels = query_labels.to(query.device)
-    gallery_labels = gallery_labels.to(query.device)
-    num_relevant = _count_relevant(query_labels, gallery_labels)  # (Q,) R of each query
-    num_queries = int((num_relevant > 0).sum())
-    num_skipped = query.shape[0] - num_queries
-    _check_answerable(num_queries, num_skipped)
-
+    sums = _MetricSums(query_labels, gallery_labels, query.device, recall_at, map_at, ap_mode)
     gallery_unit = F.normalize(gallery.to(compute_dtype), dim=1)
-    top_k = min(max((*recall_at, *map_at)), gallery.shape[0])
-    sums = _MetricSums(recall_at, map_at, ap_mode)
     for start in range(0, query.shape[0], chunk_size):
-        stop = min(start + chunk_size, query.shape[0])
-        query_unit = F.normalize(query[start:stop].to(compute_dtype), dim=1)
+        query_unit = F.normalize(query[start:start + chunk_size].to(compute_dtype), dim=1)
         similarity = torch.mm(query_unit, gallery_unit.T)  # (chunk, G)
-        ranked = _top_k_stable(similarity, top_k)  # (chunk, top_k) gallery indices
+        ranked = _top_k_stable(similarity, sums.top_k)  # (chunk, top_k) gallery indices
         del similarity  # freed before the next chunk's matrix is allocated
-        hits = gallery_labels[ranked] == query_labels[start:stop, None]  # (chunk, top_k)
-        sums.add(hits, num_relevant[start:stop])
-    return sums.metrics(num_queries, num_skipped)
+        sums.add(start, ranked)
+    return sums.metrics()
 
 
 def ranking_metrics(
@@ -79,32 +69,33 @@ def ranking_metrics(
     summed in the same chunks).
     """
     _check_ranking(ranked, query_labels, gallery_labels, recall_at, map_at, ap_mode, chunk_size)
-    query_labels = query_labels.to(ranked.device)
-    gallery_labels = gallery_labels.to(ranked.device)
-    num_relevant = _count_relevant(query_labels, gallery_labels)
-    num_queries = int((num_relevant > 0).sum())
-    num_skipped = ranked.shape[0] - num_queries
-    _check_answerable(num_queries, num_skipped)
-
-    top_k = min(max((*recall_at, *map_at)), gallery_labels.shape[0])
-    sums = _MetricSums(recall_at, map_at, ap_mode)
+    sums = _MetricSums(query_labels, gallery_labels, ranked.device, recall_at, map_at, ap_mode)
     for start in range(0, ranked.shape[0], chunk_size):
-        stop = min(start + chunk_size, ranked.shape[0])
-        hits = gallery_labels[ranked[start:stop, :top_k]] == query_labels[start:stop, None]
-        sums.add(hits, num_relevant[start:stop])
-    return sums.metrics(num_queries, num_skipped)
+        sums.add(start, ranked[start:start + chunk_size, :sums.top_k])
+    return sums.metrics()
 
 
 class _MetricSums:
-    """Running Recall@K hit counts and AP@K sums over chunks of queries."""
+    """Running Recall@K hit counts and AP@K sums over chunks of ranked queries."""
 
-    def __init__(self, recall_at: Sequence[int], map_at: Sequence[int], ap_mode: str) -> None:
+    def __init__(self, query_labels: Tensor, gallery_labels: Tensor, device: torch.device,
+                 recall_at: Sequence[int], map_at: Sequence[int], ap_mode: str) -> None:
+        self.query_labels = query_labels.to(device)
+        self.gallery_labels = gallery_labels.to(device)
+        self.num_relevant = _count_relevant(self.query_labels, self.gallery_labels)  # (Q,) R of each query
+        self.num_queries = int((self.num_relevant > 0).sum())
+        self.num_skipped = len(self.query_labels) - self.num_queries
+        _check_answerable(self.num_queries, self.num_skipped)
+        self.top_k = min(max((*recall_at, *map_at)), len(self.gallery_labels))
         self.ap_mode = ap_mode
         self.recall_hits = {k: 0 for k in recall_at}
         self.ap_sums = {k: 0.0 for k in map_at}
 
-    def add(self, hits: Tensor, chunk_relevant: Tensor) -> None:
-        """`hits` (chunk, top_k): is the item at each rank relevant; `chunk_relevant` (chunk,): R."""
+    def add(self, start: int, ranked: Tensor) -> None:
+        """`ranked` (chunk, top_k): gallery indices, best first, of the queries from `start` on."""
+        stop = start + len(ranked)
+        hits = self.gallery_labels[ranked] == self.query_labels[start:stop, None]  # (chunk, top_k)
+        chunk_relevant = self.num_relevant[start:stop]
         evaluated = chunk_relevant > 0
         for k in self.recall_hits:
             self.recall_hits[k] += int((hits[:, :k].any(dim=1) & evaluated).sum())
@@ -113,14 +104,14 @@ class _MetricSums:
             ap = ap_terms[:, :k].sum(dim=1) / chunk_relevant.clamp(min=1)
             self.ap_sums[k] += float(ap[evaluated].sum())
 
-    def metrics(self, num_queries: int, num_skipped: int) -> dict[str, float]:
+    def metrics(self) -> dict[str, float]:
         metrics: dict[str, float] = {}
         for k, hit_count in self.recall_hits.items():
-            metrics[f"recall@{k}"] = 100.0 * hit_count / num_queries
+            metrics[f"recall@{k}"] = 100.0 * hit_count / self.num_queries
         for k, ap_sum in self.ap_sums.items():
-            metrics[f"mAP@{k}"] = 100.0 * ap_sum / num_queries
-        metrics["num_queries"] = num_queries
-        metrics["num_skipped"] = num_skipped
+            metrics[f"mAP@{k}"] = 100.0 * ap_sum / self.num_queries
+        metrics["num_queries"] = self.num_queries
+        metrics["num_skipped"] = self.num_skipped
         return metrics
 
 
