@@ -29,21 +29,30 @@ MAP_AT = (10,)
 METHODS = ("chunked", "naive")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    """The random In-Shop-size embeddings that make_data draws (bench_rerank takes them too)."""
     parser.add_argument("--num-query", type=int, default=14218)
     parser.add_argument("--num-gallery", type=int, default=12612)
     parser.add_argument("--num-items", type=int, default=3985)
     parser.add_argument("--dim", type=int, default=2048)
     parser.add_argument("--noise", type=float, default=3.25, help="per-dimension noise around item centres")
-    parser.add_argument("--chunk-size", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)  # set for the subprocesses
-    args = parser.parse_args(argv)
+
+
+def check_data_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.num_items > min(args.num_query, args.num_gallery):
         parser.error("--num-items must not exceed --num-query or --num-gallery (every item has both)")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_data_args(parser)
+    parser.add_argument("--chunk-size", type=int, default=1024)
+    parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)  # set for the subprocesses
+    args = parser.parse_args(argv)
+    check_data_args(parser, args)
     return args
 
 

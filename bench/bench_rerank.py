@@ -24,17 +24,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from arcface.rerank import (KR_K1, KR_K2, KR_LAMBDA, QE_ALPHA, QE_K, RERANK_METHODS, Rerank,  # noqa: E402
                             reranked_metrics)
-from bench.bench_eval import MAP_AT, RECALL_AT, make_data, peak_memory_kib, reset_peak_memory  # noqa: E402
+from bench.bench_eval import MAP_AT, RECALL_AT, add_data_args, check_data_args, make_data, peak_memory_kib, reset_peak_memory  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-query", type=int, default=14218)
-    parser.add_argument("--num-gallery", type=int, default=12612)
-    parser.add_argument("--num-items", type=int, default=3985)
-    parser.add_argument("--dim", type=int, default=2048)
-    parser.add_argument("--noise", type=float, default=3.25, help="per-dimension noise around item centres")
-    parser.add_argument("--seed", type=int, default=0)
+    add_data_args(parser)
     parser.add_argument("--methods", nargs="+", choices=RERANK_METHODS, default=list(RERANK_METHODS))
     parser.add_argument("--qe_k", type=int, default=QE_K)
     parser.add_argument("--qe_alpha", type=float, default=QE_ALPHA)
@@ -43,8 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kr_lambda", type=float, default=KR_LAMBDA)
     parser.add_argument("--method", choices=RERANK_METHODS, help=argparse.SUPPRESS)  # set for the subprocesses
     args = parser.parse_args(argv)
-    if args.num_items > min(args.num_query, args.num_gallery):
-        parser.error("--num-items must not exceed --num-query or --num-gallery (every item has both)")
+    check_data_args(parser, args)
     return args
 
 
