@@ -57,7 +57,6 @@ class Trainer:
         self.world_size = runtime.world_size()
         self.is_main = self.global_rank == 0
         self.schedule = schedule
-        self.steps_per_epoch = schedule.steps_per_epoch
         self._check_schedule(train_data)
         self.amp_dtype = runtime.autocast_dtype(cfg.amp, device)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -149,7 +148,7 @@ class Trainer:
                     self._save_snapshot()
             for epoch in range(self.epochs_run, cfg.total_epochs):
                 train_stats, stop = self._run_epoch(epoch)
-                if self.step_in_epoch == self.steps_per_epoch:  # else a stop cut the epoch short
+                if self.step_in_epoch == self.schedule.steps_per_epoch:  # else a stop cut the epoch short
                     self.epochs_run, self.step_in_epoch = epoch + 1, 0
                     self._log({"epoch": self.epochs_run, **train_stats})
                 last = self.epochs_run == cfg.total_epochs
@@ -181,7 +180,7 @@ class Trainer:
         accum = self.schedule.grad_accum_steps
         self.train_data.sampler.set_epoch(epoch, start_step=self.step_in_epoch)
         self.raw_model.train()
-        bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, disable=not self.is_main,
+        bar = tqdm(total=self.schedule.steps_per_epoch, initial=self.step_in_epoch, disable=not self.is_main,
                    desc=f"epoch {epoch + 1}/{cfg.total_epochs}", dynamic_ncols=True,
                    mininterval=0.5 if sys.stderr.isatty() else 30.0, leave=False)
         loss_sum, steps, images, start, stop = 0.0, 0, 0, time.perf_counter(), False
@@ -192,12 +191,13 @@ class Trainer:
                 source = source.contiguous(memory_format=self.memory_format)
             targets = targets.to(self.device, non_blocking=True)
             sync = micro % accum == 0  # all-reduce gradients only on the last micro-batch
+            step = epoch * self.schedule.steps_per_epoch + self.step_in_epoch  # in the whole run
             if self.sharded_head:  # its class sample is drawn per optimizer step: exact on resume
-                self.raw_model.head.sample_step = epoch * self.steps_per_epoch + self.step_in_epoch
+                self.raw_model.head.sample_step = step
             micro_loss += self._run_batch(source, targets, sync)
             if not sync:
                 continue
-            lr = self._optimizer_step(epoch * self.steps_per_epoch + self.step_in_epoch)
+            lr = self._optimizer_step(step)
             self.step_in_epoch += 1
             loss, stop = self._agree_on_step(micro_loss / accum)
             micro_loss = torch.zeros((), device=self.device)
@@ -206,7 +206,7 @@ class Trainer:
             if steps % cfg.log_every == 0:
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}",
                                 img_s=f"{images / (time.perf_counter() - start):.0f}")
-            if stop or self.step_in_epoch == self.steps_per_epoch:
+            if stop or self.step_in_epoch == self.schedule.steps_per_epoch:
                 break
         bar.close()
         seconds = time.perf_counter() - start
@@ -369,7 +369,7 @@ class Trainer:
                 "scaler": self.scaler.state_dict(),
                 "epochs_run": self.epochs_run,
                 "step_in_epoch": self.step_in_epoch,
-                "steps_per_epoch": self.steps_per_epoch,
+                "steps_per_epoch": self.schedule.steps_per_epoch,
                 "global_batch": self.schedule.global_batch,  # steps are the same at any world size with it
                 "num_classes": self._num_classes(),
                 "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.cfg).items()},
@@ -388,7 +388,8 @@ class Trainer:
         snapshot = fetch_newest_snapshot(self.snapshot_path, self.device)
         if snapshot is None:
             return {}
-        changes = check_snapshot(snapshot, self.snapshot_path, self.cfg, self._num_classes(), self.steps_per_epoch,
+        changes = check_snapshot(snapshot, self.snapshot_path, self.cfg, self._num_classes(),
+                                 self.schedule.steps_per_epoch,
                                  self.schedule.global_batch)
         # Tensors arrive on the CPU and are copied into the model's device by load_state_dict,
         # which avoids holding a second copy of the weights on the accelerator.
