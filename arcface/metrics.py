@@ -209,7 +209,7 @@ def _check_answerable(num_queries: int, num_skipped: int) -> None:
         warnings.warn(
             f"retrieval_metrics: {num_skipped} of {num_queries + num_skipped} queries have no "
             "relevant gallery item; they are excluded from every metric",
-            stacklevel=3,
+            stacklevel=4,  # the caller of retrieval_metrics / ranking_metrics (via _MetricSums)
         )
 
 

@@ -108,17 +108,30 @@ def kill_a_worker(agent: subprocess.Popen) -> None:
     os.kill(workers[-1], signal.SIGKILL)
 
 
+def interrupt_after_first_snapshot(cmd: list[str], snapshot: Path, interrupt, timeout: float = 120,
+                                   **popen) -> tuple[int, str]:
+    """Starts `cmd`, waits for its first snapshot, calls interrupt(process), waits for the end:
+    (exit status, output)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            **popen)
+    try:
+        wait_for(snapshot, proc, timeout=180)
+        interrupt(proc)
+        output, _ = proc.communicate(timeout=timeout)
+    finally:
+        proc.kill()
+    return proc.returncode, output
+
+
+def sigterm(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+
+
 def test_torchrun_restart_resumes_after_a_worker_is_killed(tmp_path, synthetic_dir):
     cmd = torchrun("--standalone", "--nproc_per_node=2", "--max-restarts=2", "multigpu_torchrun.py",
                    *smoke_args(tmp_path, synthetic_dir, epochs=4))
-    agent = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_for(tmp_path / "snapshot.pt", agent, timeout=180)
-        kill_a_worker(agent)
-        output, _ = agent.communicate(timeout=300)
-    finally:
-        agent.kill()
-    assert agent.returncode == 0, output[-4000:]
+    returncode, output = interrupt_after_first_snapshot(cmd, tmp_path / "snapshot.pt", kill_a_worker, timeout=300)
+    assert returncode == 0, output[-4000:]
     assert "resuming from snapshot" in output
     check_complete_run(tmp_path, 4)
 
@@ -127,14 +140,8 @@ def test_torchrun_restart_resumes_after_a_worker_is_killed(tmp_path, synthetic_d
 def test_multigpu_passes_sigterm_to_its_workers_which_stop_with_a_snapshot(tmp_path, synthetic_dir):
     cmd = [sys.executable, "multigpu.py", *smoke_args(tmp_path, synthetic_dir, epochs=12), "--nprocs", "2",
            "--num_workers", "1"]
-    launcher = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_for(tmp_path / "snapshot.pt", launcher, timeout=180)
-        launcher.send_signal(signal.SIGTERM)
-        output, _ = launcher.communicate(timeout=120)
-    finally:
-        launcher.kill()
-    assert launcher.returncode == 128 + signal.SIGTERM, output[-4000:]
+    returncode, output = interrupt_after_first_snapshot(cmd, tmp_path / "snapshot.pt", sigterm)
+    assert returncode == 128 + signal.SIGTERM, output[-4000:]
     assert "stopped by SIGTERM" in output and "Traceback" not in output, output[-4000:]
     assert [r["epoch"] for r in lines(tmp_path) if "loss" in r][-1] < 12
     resumed = run(cmd)
@@ -145,15 +152,10 @@ def test_multigpu_passes_sigterm_to_its_workers_which_stop_with_a_snapshot(tmp_p
 def test_sigterm_to_the_process_group_stops_cleanly_with_loader_workers(tmp_path, synthetic_dir):
     # What Slurm and torchrun do: the signal reaches the loader workers too.
     cmd = [sys.executable, "single_gpu.py", *smoke_args(tmp_path, synthetic_dir, epochs=12), "--num_workers", "1"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        wait_for(tmp_path / "snapshot.pt", proc, timeout=180)
-        os.killpg(proc.pid, signal.SIGTERM)
-        output, _ = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, output[-4000:]
+    returncode, output = interrupt_after_first_snapshot(cmd, tmp_path / "snapshot.pt",
+                                                        lambda proc: os.killpg(proc.pid, signal.SIGTERM),
+                                                        start_new_session=True)
+    assert returncode == 128 + signal.SIGTERM, output[-4000:]
     assert "stopped by SIGTERM" in output and "Traceback" not in output, output[-4000:]
     assert output.count("SIGTERM received") == 1, output[-4000:]  # the workers stay quiet
 
@@ -248,14 +250,8 @@ def test_a_two_process_run_stopped_mid_epoch_resumes_under_single_gpu(tmp_path, 
     run([sys.executable, "multigpu.py", *smoke_args(full, synthetic_dir, epochs=4), "--nprocs", "2", *batch])
     stopped = tmp_path / "stopped"
     cmd = [sys.executable, "multigpu.py", *smoke_args(stopped, synthetic_dir, epochs=4), "--nprocs", "2", *batch]
-    launcher = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_for(stopped / "snapshot.pt", launcher, timeout=180)
-        launcher.send_signal(signal.SIGTERM)
-        output, _ = launcher.communicate(timeout=120)
-    finally:
-        launcher.kill()
-    assert launcher.returncode == 128 + signal.SIGTERM, output[-4000:]
+    returncode, output = interrupt_after_first_snapshot(cmd, stopped / "snapshot.pt", sigterm)
+    assert returncode == 128 + signal.SIGTERM, output[-4000:]
     resumed = run([sys.executable, "single_gpu.py", *smoke_args(stopped, synthetic_dir, epochs=4), *batch])
     assert "resuming from snapshot" in resumed.stdout
     check_complete_run(stopped, 4)
