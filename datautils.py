@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import fcntl
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-import runtime
 from arcface.inshop import InShop
 from arcface.synthetic import GENERATOR_VERSION, generate_inshop
 from arcface.transforms import test_transform, train_transform
-from config import Config
-
-if TYPE_CHECKING:
-    from job import Schedule
+from support import runtime
+from support.config import Config
+from support.schedule import Schedule
 
 
 def load_datasets(cfg: Config) -> tuple[InShop, InShop, InShop]:

@@ -14,10 +14,11 @@ import torch
 import torch.multiprocessing as mp
 from torch.distributed import destroy_process_group, init_process_group
 
-import runtime
-from config import Config, arg_parser, config_or_exit
 from datautils import prepare_dataloader
 from job import load_train_objs
+from support import runtime
+from support.config import Config, arg_parser, config_or_exit
+from support.errors import one_line_errors
 from trainer import Trainer
 
 
@@ -34,7 +35,7 @@ def ddp_setup(rank: int, world_size: int, port: int, cfg: Config) -> torch.devic
     return device
 
 
-@runtime.one_line_errors
+@one_line_errors
 def main(rank: int, world_size: int, port: int, cfg: Config) -> None:
     device = ddp_setup(rank, world_size, port, cfg)
     try:

@@ -17,10 +17,11 @@ from datetime import timedelta
 import torch
 from torch.distributed import destroy_process_group, init_process_group
 
-import runtime
-from config import Config, parse_config
 from datautils import prepare_dataloader
 from job import load_train_objs
+from support import runtime
+from support.config import Config, parse_config
+from support.errors import one_line_errors
 from trainer import Trainer
 
 
@@ -39,7 +40,7 @@ def ddp_setup(cfg: Config) -> torch.device:
     return device
 
 
-@runtime.one_line_errors
+@one_line_errors
 def main(cfg: Config) -> int:
     device = ddp_setup(cfg)
     try:

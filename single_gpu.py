@@ -8,14 +8,15 @@ generated on first use, evaluated by Recall@K and mAP@10 before, during and afte
 
 import sys
 
-import runtime
-from config import Config, parse_config
 from datautils import prepare_dataloader
 from job import load_train_objs
+from support import runtime
+from support.config import Config, parse_config
+from support.errors import one_line_errors
 from trainer import Trainer
 
 
-@runtime.one_line_errors
+@one_line_errors
 def main(cfg: Config) -> int:
     device = runtime.pick_device(cfg.device)
     objs = load_train_objs(cfg)

@@ -12,27 +12,34 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-import runtime
-from arcface import partial_fc
-from arcface.partial_fc import PartialFCHead
+from arcface.partial_fc import (  # the same for a dense and a sharded head
+    clip_grad_norm_,
+    ddp_ignore_shards,
+)
 from arcface.retrieval import evaluate_loaders, prepare_eval_loader
-from config import Config, dump_toml
-from job import Schedule
-from rundir import RunDir, claim_run_dir, format_record
-from runtime import UserError
-from snapshot import (SNAPSHOT_VERSION, check_snapshot, dense_state, fetch_newest_snapshot, position_text,
-                      save_snapshot, sharded_state)
+from support import runtime
+from support.config import Config, dump_toml
+from support.errors import UserError
+from support.rundir import RunDir, claim_run_dir, format_record
+from support.schedule import Schedule
+from support.snapshot import (
+    Progress,
+    capture,
+    check_resume,
+    fetch_newest_snapshot,
+    position_text,
+    restore,
+    write_snapshot,
+)
 
 
 class Diverged(UserError, FloatingPointError):
@@ -60,8 +67,6 @@ class Trainer:
         self._check_schedule(train_data)
         self.amp_dtype = runtime.autocast_dtype(cfg.amp, device)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        # Partial FC: the head's classes are sharded over the processes and it returns the loss.
-        self.sharded_head = isinstance(getattr(model, "head", None), PartialFCHead)
         self.raw_model, self.ddp_model, self.model = self._wrap_model(model)
         self.train_data = train_data
         self.optimizer = optimizer
@@ -70,7 +75,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
 
         self.snapshot_path = cfg.snapshot_path
-        self.run_dir = RunDir(cfg.out_dir, tensorboard=cfg.tensorboard)
+        self.run_dir = RunDir(cfg.out_dir, self.snapshot_path, tensorboard=cfg.tensorboard)
         self.epochs_run = 0  # completed epochs
         self.step_in_epoch = 0  # optimizer steps done in epoch `epochs_run` (a mid-epoch stop)
         self.saved_at: tuple[int, int] | None = None  # position of the newest snapshot on disk
@@ -108,8 +113,7 @@ class Trainer:
                 self._say("sync_bn: SyncBatchNorm needs CUDA; training with per-process BatchNorm")
         raw_model = model.to(self.device, memory_format=self.memory_format)
         ddp_model = None
-        if self.sharded_head:
-            partial_fc.ddp_ignore_partial_fc(raw_model)  # each rank's shard is its own: no all-reduce
+        ddp_ignore_shards(raw_model)  # each rank's shard of a sharded head is its own: no all-reduce
         if self.world_size > 1:
             ddp_model = DDP(
                 raw_model,
@@ -192,9 +196,7 @@ class Trainer:
             targets = targets.to(self.device, non_blocking=True)
             sync = micro % accum == 0  # all-reduce gradients only on the last micro-batch
             step = epoch * self.schedule.steps_per_epoch + self.step_in_epoch  # in the whole run
-            if self.sharded_head:  # its class sample is drawn per optimizer step: exact on resume
-                self.raw_model.head.sample_step = step
-            micro_loss += self._run_batch(source, targets, sync)
+            micro_loss += self._run_batch(source, targets, step, sync)
             if not sync:
                 continue
             lr = self._optimizer_step(step)
@@ -212,14 +214,13 @@ class Trainer:
         seconds = time.perf_counter() - start
         return {"loss": loss_sum / steps, "lr": lr, "images_per_s": images / seconds, "seconds": seconds}, stop
 
-    def _run_batch(self, source: torch.Tensor, targets: torch.Tensor, sync: bool) -> torch.Tensor:
+    def _run_batch(self, source: torch.Tensor, targets: torch.Tensor, step: int, sync: bool) -> torch.Tensor:
         no_sync = self.ddp_model.no_sync() if (self.ddp_model is not None and not sync) else nullcontext()
         with no_sync:
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                 enabled=self.amp_dtype is not None):
-                # (N, classes) margin logits, float32; a sharded head returns the global batch's loss
-                output = self.model(source, targets)
-            loss = output if self.sharded_head else F.cross_entropy(output, targets)
+                # float32; a head that samples classes draws them per optimizer step: exact on resume
+                loss = self.model(source, targets, step)
             self.scaler.scale(loss / self.schedule.grad_accum_steps).backward()
         return loss.detach()
 
@@ -230,12 +231,7 @@ class Trainer:
             group["lr"] = lr
         if self.cfg.clip_grad_norm > 0:
             self.scaler.unscale_(self.optimizer)
-            if self.sharded_head:  # the norm adds every rank's shard
-                head = self.raw_model.head.weight
-                partial_fc.clip_grad_norm_([p for p in self.raw_model.parameters() if p is not head], [head],
-                                           self.cfg.clip_grad_norm)
-            else:
-                nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.clip_grad_norm)
+            clip_grad_norm_(self.raw_model, self.cfg.clip_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -345,8 +341,7 @@ class Trainer:
     def _start_run_dir(self, changes: dict[str, tuple[Any, Any]]) -> None:
         """config.toml of this run, metrics.jsonl made to agree with the snapshot it resumes, a
         resumes.jsonl line for settings the resume changed, and no temporaries of killed writes."""
-        stale = self.run_dir.remove_stale_temporaries(
-            self.snapshot_path, self.run_dir.path / "config.toml", self.run_dir.metrics_path)
+        stale = self.run_dir.remove_stale_temporaries()
         if stale:
             self._say(f"removed {len(stale)} temporary file(s) of interrupted writes: {', '.join(p.name for p in stale)}")
         if changes:
@@ -360,25 +355,10 @@ class Trainer:
 
     def _save_snapshot(self) -> None:
         self._check_weights_finite()
-        model_state, optimizer_state = dense_state(self.raw_model, self.optimizer)
-        if self.is_main:
-            snapshot = {
-                "format_version": SNAPSHOT_VERSION,
-                "model": model_state,  # the unwrapped module: no `module.` prefixes
-                "optimizer": optimizer_state,
-                "scaler": self.scaler.state_dict(),
-                "epochs_run": self.epochs_run,
-                "step_in_epoch": self.step_in_epoch,
-                "steps_per_epoch": self.schedule.steps_per_epoch,
-                "global_batch": self.schedule.global_batch,  # steps are the same at any world size with it
-                "num_classes": self._num_classes(),
-                "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.cfg).items()},
-                "history": self.history,
-                "best": self.best,
-                "rng": {"torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-            }
-            save_snapshot(snapshot, self.snapshot_path)
+        progress = Progress(self.epochs_run, self.step_in_epoch, self.history, self.best)
+        snapshot = capture(self.raw_model, self.optimizer, self.scaler, progress, self.schedule, self.cfg)
+        if snapshot is not None:  # rank 0
+            write_snapshot(snapshot, self.snapshot_path)
             print(f"snapshot saved {position_text(self.epochs_run, self.step_in_epoch)} to {self.snapshot_path}",
                   flush=True)
         self.saved_at = (self.epochs_run, self.step_in_epoch)
@@ -388,24 +368,10 @@ class Trainer:
         snapshot = fetch_newest_snapshot(self.snapshot_path, self.device)
         if snapshot is None:
             return {}
-        changes = check_snapshot(snapshot, self.snapshot_path, self.cfg, self._num_classes(),
-                                 self.schedule.steps_per_epoch,
-                                 self.schedule.global_batch)
-        # Tensors arrive on the CPU and are copied into the model's device by load_state_dict,
-        # which avoids holding a second copy of the weights on the accelerator.
-        model_state, optimizer_state = snapshot["model"], snapshot["optimizer"]
-        if self.sharded_head:
-            model_state, optimizer_state = sharded_state(self.raw_model, self.optimizer, model_state, optimizer_state)
-        self.raw_model.load_state_dict(model_state, strict=True)
-        self.optimizer.load_state_dict(optimizer_state)
-        self.scaler.load_state_dict(snapshot["scaler"])
-        self.epochs_run = snapshot["epochs_run"]
-        self.step_in_epoch = snapshot["step_in_epoch"]
-        self.history = list(snapshot["history"])
-        self.best = dict(snapshot["best"])
-        torch.set_rng_state(snapshot["rng"]["torch"])
-        if snapshot["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(snapshot["rng"]["cuda"])
+        changes = check_resume(snapshot, self.snapshot_path, self.cfg, self._num_classes(), self.schedule)
+        progress = restore(snapshot, self.raw_model, self.optimizer, self.scaler)
+        self.epochs_run, self.step_in_epoch = progress.epochs_run, progress.step_in_epoch
+        self.history, self.best = progress.history, progress.best
         self.saved_at = (self.epochs_run, self.step_in_epoch)
         self._say(f"resuming from snapshot {self.snapshot_path} {position_text(self.epochs_run, self.step_in_epoch)}")
         return changes

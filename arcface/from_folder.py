@@ -1,6 +1,7 @@
 """Your own images: a class-per-folder image tree -> a data root in the DeepFashion In-Shop layout.
 
-    python -m arcface.from_folder IMAGES OUT [--test_fraction 0.5] [--seed 0] [--copy] [--force]
+    python tools/from_folder.py IMAGES OUT [--test_fraction 0.5] [--seed 0] [--copy] [--force]
+    (or python -m arcface.from_folder IMAGES OUT ...)
 
 reads ``IMAGES/<class>/<image>`` (torchvision's ImageFolder convention, one level deep) and writes
 
@@ -38,12 +39,11 @@ so that ``--data_root OUT`` trains on it with every launcher and tool. The rules
   did not write is never deleted.
 
 Deliberately free of torch (and of arcface.inshop and arcface.transforms, which import it): the
-command starts in a fraction of a second. The two constants it shares with them are checked to
-match by tests/test_from_folder.py.
+command starts in a fraction of a second. The partition format and the pixel limit come from the
+torch-free modules that own them (arcface.partition, arcface.imageheader).
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -51,16 +51,13 @@ import os
 import shutil
 import sys
 import tempfile
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from arcface.imageheader import GIF_SIGNATURES, HeaderError, read_header
-from arcface.synthetic import partition_text
+from arcface.imageheader import GIF_SIGNATURES, MAX_IMAGE_PIXELS, HeaderError, read_header
+from arcface.partition import PARTITION_FILE, partition_text
 from arcface.textfile import DataError, read_text
 
-PARTITION_FILE = Path("Eval") / "list_eval_partition.txt"  # = arcface.inshop.PARTITION_FILE
-MAX_IMAGE_PIXELS = 89_478_485  # = arcface.transforms.MAX_IMAGE_PIXELS, the loader's default limit
 MARKER_FILE = "from_folder.json"
 OUTPUT_ENTRIES = frozenset({"Eval", "Img", MARKER_FILE})  # all that a previous output may hold
 TOOL_VERSION = 1
@@ -433,7 +430,7 @@ def _move_into_place(staging: Path, out: Path, replace: bool) -> None:
     shutil.rmtree(aside)  # removes the links, never what they point to
 
 
-# ---- the command line ----
+# ---- the summary the command prints ----
 
 
 def format_summary(summary: Summary) -> str:
@@ -473,56 +470,7 @@ def _link_note(links: dict[str, int]) -> str:
     return f" ({'; '.join(notes)})" if notes else ""
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a value strictly between 0 and 1, got {text}")
-    return value
+if __name__ == "__main__":  # the spelling from before the command moved to tools/
+    from tools.from_folder import main
 
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m arcface.from_folder",
-        description="Turn a class-per-folder image tree (IMAGES/<class>/<image>) into a data root in the "
-        "DeepFashion In-Shop layout (OUT/Eval/list_eval_partition.txt, OUT/Img/img/<class>/<image>) for "
-        "--data_root. Classes are split between train and test; each test class's images alternate query "
-        "and gallery. docs/TOOLS.md, 'Your own images', gives the rules.",
-    )
-    parser.add_argument("images", type=Path, metavar="IMAGES", help="the tree: one folder per class, images inside")
-    parser.add_argument("out", type=Path, metavar="OUT", help="the root to write (missing, empty, or a previous "
-                        "output of this command for IMAGES, which is rebuilt)")
-    parser.add_argument("--test_fraction", type=_fraction, default=DEFAULT_TEST_FRACTION,
-                        help=f"share of the classes with 2+ images that go to test (default {DEFAULT_TEST_FRACTION})")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"chooses the test classes (default {DEFAULT_SEED})")
-    parser.add_argument("--copy", action="store_true", help="copy the images instead of linking them")
-    parser.add_argument("--force", action="store_true",
-                        help="replace an output of this command made from other IMAGES")
-    parser.add_argument("--max_image_pixels", type=_positive, default=MAX_IMAGE_PIXELS,
-                        help=f"refuse images whose header claims more pixels, as training would "
-                        f"(default {MAX_IMAGE_PIXELS})")
-    args = parser.parse_args(argv)
-    try:
-        summary = convert(args.images, args.out, args.test_fraction, args.seed, args.copy, args.force,
-                          args.max_image_pixels)
-    except (ValueError, OSError) as error:  # DataError is a ValueError
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(format_summary(summary))
-    return 0
-
-
-if __name__ == "__main__":
     sys.exit(main())

@@ -98,6 +98,11 @@ class ArcFaceHead(nn.Module):
             target_logit = self._add_margin(target_cos, target_margin)  # (N, 1)
             return self.scale * cos.scatter(1, labels, target_logit)  # (N, C)
 
+    def loss(self, features: torch.Tensor, labels: torch.Tensor, step: int = 0) -> torch.Tensor:
+        """The batch's ArcFace loss: cross-entropy of the margin logits. `step` is for heads that
+        sample classes per optimizer step (PartialFCHead); this one scores every class."""
+        return F.cross_entropy(self(features, labels), labels)
+
     def cosine(self, features: torch.Tensor) -> torch.Tensor:
         """(N, in_features) -> (N, num_classes): cosine to each class's closest sub-center."""
         subcenter_cos = self._subcenter_cosine(features)  # (N, C, k)

@@ -11,6 +11,12 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+# The most pixels an image header may claim before load_image refuses to decode it. The value is
+# PIL's own default limit (PIL.Image.MAX_IMAGE_PIXELS, a 0.25 GB 24-bit bitmap): far above any
+# photograph a retrieval set holds (In-Shop images are well under a megapixel), far below what a
+# forged header can claim (a few bytes of JPEG may say 65535 x 65535, 12 GB decoded, per worker).
+MAX_IMAGE_PIXELS = 89_478_485
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 GIF_SIGNATURES = (b"GIF87a", b"GIF89a")
 # JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic...): they carry the size.

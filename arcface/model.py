@@ -94,11 +94,12 @@ class GeM(nn.Module):
 
 
 class RetrievalModel(nn.Module):
-    """images -> embedding (retrieval) or ArcFace logits (training, when labels are given).
+    """images -> embedding (retrieval) or the batch's ArcFace loss (training, when labels are given).
 
-    Training calls `model(images, labels)` so that one forward touches every parameter (DDP
-    requires it) and `F.cross_entropy(output, labels)` is the loss. Retrieval calls
-    `model(images)` or `model.embed(images)`; embeddings are not L2-normalised here.
+    Training calls `model(images, labels, step)` so that one forward touches every parameter (DDP
+    requires it); the head computes the loss (`head.loss`: a dense ArcFaceHead or a Partial FC
+    shard, whose class sample depends on the optimizer step). Retrieval calls `model(images)` or
+    `model.embed(images)`; embeddings are not L2-normalised here.
     """
 
     def __init__(
@@ -120,11 +121,11 @@ class RetrievalModel(nn.Module):
         pooled = self.neck(features)  # (N, C)
         return self.embedding(pooled)  # (N, D)
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None, step: int = 0) -> torch.Tensor:
         features = self.embed(images)  # (N, D)
         if labels is None:
             return features
-        return self.head(features, labels)  # (N, num_classes)
+        return self.head.loss(features, labels, step)  # scalar, float32
 
 
 def build_model(

@@ -31,16 +31,15 @@ Loss and gradient scaling (with DDP around the backbone, not around this head)
     If the head sits inside the module DDP wraps, call `ddp_ignore_partial_fc(model)` before
     building DDP: DDP must neither all-reduce nor broadcast the shard (each rank's is different).
 
-Initialisation (decision)
-    init="dense" (default) draws the dense (num_classes * k, d) weight on the CPU with the same
-    call as ArcFaceHead (`normal_(std=0.01)` from the global generator) and keeps this rank's
-    rows, so a dense run and a sharded run built under the same RNG state start identical (and
-    leave the global RNG in the same state). It costs one dense float32 weight of host memory
-    per process, briefly: 2 GiB at 1M classes x 512-d, 20 GiB at 10M (and all processes of a
-    node draw at the same time). init="sharded" never materialises it: class blocks of
-    `INIT_BLOCK_CLASSES` classes are drawn from generators seeded by (seed, block), so the
-    weight does not depend on the world size either, and it leaves the global RNG alone; its
-    values differ from a dense ArcFaceHead's (same distribution, other numbers).
+Initialisation
+    `PartialFCHead.from_dense(head)` takes its rows from a dense ArcFaceHead: the job builds the
+    dense head first, so a sharded run starts where the dense one does (same seed, same weights).
+    That costs one dense float32 weight of host memory per process, briefly: 2 GiB at 1M classes
+    x 512-d, 20 GiB at 10M (and all processes of a node draw at the same time). The constructor
+    never materialises it: class blocks of `INIT_BLOCK_CLASSES` classes are drawn from generators
+    seeded by (seed, block), so the weight does not depend on the world size either, and it
+    leaves the global RNG alone; its values differ from a dense ArcFaceHead's (same
+    distribution, other numbers).
 
 Unsampled rows at r < 1 (decision: plain SGD touches them, as insightface's partial_fc_v2)
     Their gradient is zero and the optimizer sees the whole shard, so weight decay still shrinks
@@ -66,32 +65,34 @@ More processes than classes
     collective and returns the same loss; its gradient is empty.
 
 Snapshots
-    `gather_dense(tensor)` reassembles the weight (or any same-shaped optimizer state: SGD's
-    momentum buffer) in the dense row order, on every rank or only on `dst`; `load_dense` and
-    `shard_dense` cut a dense tensor written under any world size (1 included) back to a shard.
-    Gathering holds the whole dense tensor on each receiving rank, on the shard's device:
-    num_classes * k * d * 4 bytes (2 GiB per tensor at 1M x 512; weight + momentum = 4 GiB) plus
-    the shard. For heads too large for one process, each rank would save only its shard with
-    its class range (torch.distributed.checkpoint, which writes shards in parallel and re-shards
-    on load, or one file per rank plus (num_classes, k, world) in a manifest) and load by
-    reading only the rows of its new range (torch.load(mmap=True) and slicing).
+    `gather_dense_state` and `shard_dense_state` are the pair that turns a model's and its
+    optimizer's state into the dense layout and back, for any model (a dense head passes
+    through). Gathering holds the whole dense tensor on the receiving rank, on the shard's
+    device: num_classes * k * d * 4 bytes (2 GiB per tensor at 1M x 512; weight + momentum =
+    4 GiB) plus the shard. For heads too large for one process, each rank would save only its
+    shard with its class range (torch.distributed.checkpoint, which writes shards in parallel and
+    re-shards on load, or one file per rank plus (num_classes, k, world) in a manifest) and load
+    by reading only the rows of its new range (torch.load(mmap=True) and slicing).
 
 For the Trainer
-    Gradient clipping must add the shards' squared norms over ranks, or each rank clips its
-    (replicated) backbone by another factor and the replicas drift apart: use `clip_grad_norm_`
-    here. A GradScaler decides on each rank alone whether to skip a step; its ranks must agree
-    (all-reduce found_inf) if a shard's gradient can be non-finite while another's is not.
-    Optimizer state of the shard is per rank: snapshot it with `gather_optimizer_state`, not
-    with the rest of optimizer.state_dict(). Each step costs three small host synchronisations
-    (batch sizes, the label check, the number of positives) and five collectives in forward
-    (sizes, features, labels, row max, sums) plus one in backward (the embedding gradients).
+    It calls the same helpers whatever the head: `ddp_ignore_shards(model)` before DDP,
+    `model(images, labels, step)` for the loss (both heads' `loss`), `clip_grad_norm_(model, max)`
+    (the shards' squared norms are added over ranks, or each rank would clip its replicated
+    backbone by another factor and the replicas would drift apart), and the state pair above.
+    A GradScaler decides on each rank alone whether to skip a step; its ranks must agree
+    (all-reduce found_inf) if a shard's gradient can be non-finite while another's is not (the
+    configuration refuses fp16 with Partial FC). Each step costs three small host
+    synchronisations (batch sizes, the label check, the number of positives) and five
+    collectives in forward (sizes, features, labels, row max, sums) plus one in backward (the
+    embedding gradients).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -99,8 +100,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from arcface.head import ArcFaceHead, check_head_args, load_margins
+from support import runtime
 
-# Classes per independently seeded block for init="sharded": large enough that generator set-up
+# Classes per independently seeded block of the drawn rows: large enough that generator set-up
 # is negligible, small enough that a block is a small buffer (4096 x 512 floats = 8 MiB).
 INIT_BLOCK_CLASSES = 4096
 
@@ -133,38 +135,39 @@ def shard_dense(dense: torch.Tensor, world_size: int, rank: int, sub_centers: in
     return dense[start * sub_centers:stop * sub_centers]
 
 
-def ddp_ignore_partial_fc(model: nn.Module) -> list[str]:
-    """Makes a DDP built on `model` later leave every PartialFCHead inside it alone.
+def ddp_ignore_shards(model: nn.Module) -> list[str]:
+    """Makes a DDP built on `model` later leave every PartialFCHead inside it alone (a model with
+    a dense head: nothing). Returns the ignored names.
 
     Each rank's shard differs, so DDP must neither broadcast it at construction, nor all-reduce
-    its gradient, nor broadcast its margin buffer in forward. Returns the ignored names.
+    its gradient, nor broadcast its margin buffer in forward.
     """
     names = []
-    for prefix, module in model.named_modules():
-        if isinstance(module, PartialFCHead):
-            dot = f"{prefix}." if prefix else ""
-            names += [dot + name for name, _ in module.named_parameters()]
-            names += [dot + name for name, _ in module.named_buffers()]
-    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+    for prefix, module in _shards(model):
+        dot = f"{prefix}." if prefix else ""
+        names += [dot + name for name, _ in module.named_parameters()]
+        names += [dot + name for name, _ in module.named_buffers()]
+    if names:
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
     return names
 
 
 @torch.no_grad()
-def clip_grad_norm_(replicated: Iterable[torch.Tensor], sharded: Iterable[torch.Tensor],
-                    max_norm: float) -> torch.Tensor:
-    """nn.utils.clip_grad_norm_ for a model whose head is sharded: the same total norm on every rank.
-
-    `replicated`: parameters whose gradients are equal on every rank (after DDP); `sharded`:
-    parameters each rank holds a distinct part of (PartialFCHead.weight). Returns the total norm.
-    """
-    replicated = [p.grad for p in replicated if p.grad is not None]
-    sharded = [p.grad for p in sharded if p.grad is not None]
+def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """nn.utils.clip_grad_norm_ of the model's parameters; with a sharded head, over the whole
+    model of every rank: the shards' squared norms are added over ranks, so every rank clips by
+    the same factor. Returns the total norm."""
+    sharded_ids = {id(p) for _, head in _shards(model) for p in head.parameters()}
+    if not sharded_ids:
+        return nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    replicated = [p.grad for p in model.parameters() if id(p) not in sharded_ids and p.grad is not None]
+    sharded = [p.grad for p in model.parameters() if id(p) in sharded_ids and p.grad is not None]
     device = (replicated or sharded)[0].device if replicated or sharded else torch.device("cpu")
     squares = torch.zeros(2, device=device)
     for index, grads in enumerate((replicated, sharded)):
         for grad in grads:
             squares[index] += torch.linalg.vector_norm(grad, dtype=torch.float32).square()
-    if dist.is_available() and dist.is_initialized():
+    if runtime.is_distributed():
         shard_squares = squares[1:].clone()
         dist.all_reduce(shard_squares)
         squares[1:] = shard_squares
@@ -175,8 +178,57 @@ def clip_grad_norm_(replicated: Iterable[torch.Tensor], sharded: Iterable[torch.
     return total
 
 
+def gather_dense_state(model: nn.Module, optimizer: torch.optim.Optimizer,
+                       dst: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The model's and optimizer's state dicts in the dense layout: every PartialFCHead's weight
+    and weight-shaped optimizer state (momentum) gathered from all ranks onto rank `dst` (a
+    collective; the other ranks' dicts keep their shard). A dense model's state as it is."""
+    model_state, optimizer_state = model.state_dict(), optimizer.state_dict()
+    for prefix, head in _shards(model):
+        weight = head.gather_dense(head.weight, dst)
+        state = optimizer.state.get(head.weight, {})
+        gathered = {name: head.gather_dense(value, dst) if _is_row_state(value, head.weight) else value
+                    for name, value in sorted(state.items())}
+        if head.rank == dst:
+            model_state[_weight_key(prefix)] = weight
+            if gathered:
+                optimizer_state["state"][_param_index(optimizer, head.weight)] = gathered
+    return model_state, optimizer_state
+
+
+def shard_dense_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict[str, Any],
+                      optimizer_state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`gather_dense_state`'s inverse: dense state dicts (of any world size) cut to this rank's
+    shards, ready for load_state_dict. A dense model's state as it is."""
+    for prefix, head in _shards(model):
+        key = _weight_key(prefix)
+        model_state = {**model_state, key: head.local_rows(model_state[key])}
+        index = _param_index(optimizer, head.weight)
+        saved = optimizer_state["state"].get(index)
+        if saved:
+            rows = head.num_classes * head.sub_centers
+            local = {k: head.local_rows(v) if torch.is_tensor(v) and v.ndim == 2 and v.shape[0] == rows else v
+                     for k, v in saved.items()}
+            optimizer_state = {**optimizer_state, "state": {**optimizer_state["state"], index: local}}
+    return model_state, optimizer_state
+
+
+def _shards(model: nn.Module) -> list[tuple[str, PartialFCHead]]:
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, PartialFCHead)]
+
+
+def _weight_key(prefix: str) -> str:
+    return f"{prefix}.weight" if prefix else "weight"
+
+
+def _param_index(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> int:
+    """`param`'s key in optimizer.state_dict()["state"]."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return next(i for i, p in enumerate(params) if p is param)
+
+
 class PartialFCHead(nn.Module):
-    """This rank's shard of an ArcFaceHead; `forward(features, labels)` returns the global loss.
+    """This rank's shard of an ArcFaceHead; `forward(features, labels, step)` returns the global loss.
 
     Arguments as ArcFaceHead, plus:
       sample_rate: r in (0, 1]; r < 1 scores only the batch's classes and a random
@@ -184,9 +236,9 @@ class PartialFCHead(nn.Module):
       rank, world_size: default from the default process group (0 and 1 without one). A head
         can be built for any rank without a process group (to inspect or re-shard); forward
         then needs the process group when world_size > 1.
-      seed: seeds the class sampling (mixed with step and rank) and init="sharded".
-      init: "dense" (rows equal a dense ArcFaceHead's under the same RNG state) or "sharded"
-        (never materialises the dense weight; other values).
+      seed: seeds the class sampling (mixed with step and rank) and the rows' draw.
+      rows: this rank's rows of the weight; None draws them per class block (module docstring).
+        `from_dense` passes them.
 
     `weight` is (local_classes * sub_centers, in_features), rows `[start * k, stop * k)` of the
     dense layout; `margin` (non-persistent buffer) holds the margins of the local classes.
@@ -204,17 +256,14 @@ class PartialFCHead(nn.Module):
         rank: int | None = None,
         world_size: int | None = None,
         seed: int = 0,
-        init: str = "dense",
+        rows: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         check_head_args("PartialFCHead", in_features, num_classes, sub_centers, scale)
         if not (0.0 < sample_rate <= 1.0):
             raise ValueError(f"PartialFCHead: sample_rate must be in (0, 1], got {sample_rate!r}")
-        if init not in ("dense", "sharded"):
-            raise ValueError(f"PartialFCHead: init must be 'dense' or 'sharded', got {init!r}")
-        grouped = dist.is_available() and dist.is_initialized()
-        self.world_size = world_size if world_size is not None else (dist.get_world_size() if grouped else 1)
-        self.rank = rank if rank is not None else (dist.get_rank() if grouped else 0)
+        self.world_size = world_size if world_size is not None else runtime.world_size()
+        self.rank = rank if rank is not None else runtime.global_rank()
         self.class_start, self.class_stop = class_range(num_classes, self.world_size, self.rank)
         self.in_features = in_features
         self.num_classes = num_classes
@@ -223,30 +272,32 @@ class PartialFCHead(nn.Module):
         self.easy_margin = easy_margin
         self.sample_rate = float(sample_rate)
         self.seed = int(seed)
-        # The step that forward(..., step=None) samples for: a Trainer can set it here instead of
-        # passing it through a DDP-wrapped model's forward.
-        self.sample_step = 0
         # Global ids of the classes the last forward scored (all local ones at r = 1).
         self.last_sampled: torch.Tensor | None = None
-        if init == "dense":
-            weight = self._dense_init_rows()
-        else:
-            weight = self._sharded_init_rows()
-        self.weight = nn.Parameter(weight)
+        expected = (self.num_local_classes * sub_centers, in_features)
+        if rows is not None and tuple(rows.shape) != expected:
+            raise ValueError(f"PartialFCHead: rows must have shape {expected} (this rank's shard), "
+                             f"got {tuple(rows.shape)}")
+        self.weight = nn.Parameter(self._drawn_rows() if rows is None else rows)
         margins = load_margins(margin, num_classes)[self.class_start:self.class_stop]
         self.register_buffer("margin", margins.clone(), persistent=False)
+
+    @classmethod
+    def from_dense(cls, head: ArcFaceHead, sample_rate: float = 1.0, seed: int = 0,
+                   rank: int | None = None, world_size: int | None = None) -> PartialFCHead:
+        """This rank's shard of `head`: its rows, margins and settings, so that a sharded run
+        starts where the dense one does."""
+        world = world_size if world_size is not None else runtime.world_size()
+        rank = rank if rank is not None else runtime.global_rank()
+        rows = shard_dense(head.weight.detach(), world, rank, head.sub_centers).clone()
+        return cls(head.in_features, head.num_classes, head.scale, head.margin.tolist(), head.sub_centers,
+                   head.easy_margin, sample_rate=sample_rate, rank=rank, world_size=world, seed=seed, rows=rows)
 
     @property
     def num_local_classes(self) -> int:
         return self.class_stop - self.class_start
 
-    def _dense_init_rows(self) -> torch.Tensor:
-        """ArcFaceHead's init, then this rank's rows: the same numbers as the dense head."""
-        dense = torch.empty(self.num_classes * self.sub_centers, self.in_features)
-        nn.init.normal_(dense, std=0.01)
-        return dense[self.class_start * self.sub_centers:self.class_stop * self.sub_centers].clone()
-
-    def _sharded_init_rows(self) -> torch.Tensor:
+    def _drawn_rows(self) -> torch.Tensor:
         """Normal(0, 0.01) rows drawn per class block: independent of the world size."""
         k, parts = self.sub_centers, []
         first_block = self.class_start // INIT_BLOCK_CLASSES
@@ -272,18 +323,21 @@ class PartialFCHead(nn.Module):
     # ------------------------------------------------------------------------------------
     # Training
 
-    def forward(self, features: torch.Tensor, labels: torch.Tensor, step: int | None = None) -> torch.Tensor:
+    def loss(self, features: torch.Tensor, labels: torch.Tensor, step: int = 0) -> torch.Tensor:
+        """The batch's loss, as ArcFaceHead.loss: this head's forward."""
+        return self(features, labels, step)
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor, step: int = 0) -> torch.Tensor:
         """(N_local, d) features, (N_local,) integer labels of THIS rank -> scalar float32 loss.
 
         The loss is the mean ArcFace cross-entropy over the global batch (all ranks' samples),
-        the same on every rank; every rank must call forward (collectives). `step` (default:
-        `self.sample_step`) selects the class sample at r < 1: pass the optimizer step, so that
+        the same on every rank; every rank must call forward (collectives). `step` selects the
+        class sample at r < 1: pass the optimizer step, so that
         a resumed run draws the same classes (the micro-batches of one step may share it: the
         same random scores, each with its own positives). Gradient scaling: module docstring.
         """
         problem = _input_problem(features, labels, self.in_features)
         labels = labels.long() if problem is None else labels
-        step = self.sample_step if step is None else step
         if isinstance(step, bool) or not isinstance(step, int):
             raise TypeError(f"PartialFCHead: step must be an int, got {step!r}")
         # As ArcFaceHead, float32 even under autocast (bfloat16 cannot resolve small angles).
@@ -305,7 +359,7 @@ class PartialFCHead(nn.Module):
             if problem is not None:
                 raise ValueError(f"PartialFCHead: {problem}")
             return features, labels
-        if not dist.is_initialized() or dist.get_world_size() != self.world_size:
+        if runtime.world_size() != self.world_size:
             raise RuntimeError(f"PartialFCHead: built for world_size {self.world_size}, forward needs "
                                "a process group of that size")
         # Sizes and input checks travel together, so one bad rank makes every rank raise
@@ -406,40 +460,12 @@ class PartialFCHead(nn.Module):
                 dist.recv(dense[start:stop], src=source)
         return dense
 
-    def load_dense(self, dense: torch.Tensor) -> None:
-        """Copies this rank's rows of a dense (num_classes * k, in_features) weight into `weight`."""
-        expected = (self.num_classes * self.sub_centers, self.in_features)
-        if tuple(dense.shape) != expected:
-            raise ValueError(f"load_dense: expected a dense weight of shape {expected}, got "
-                             f"{tuple(dense.shape)}")
-        with torch.no_grad():
-            self.weight.copy_(self.local_rows(dense))
-
     def local_rows(self, dense: torch.Tensor) -> torch.Tensor:
         """This rank's rows of a dense (num_classes * k, ...) tensor (a view)."""
         if dense.shape[0] != self.num_classes * self.sub_centers:
             raise ValueError(f"expected {self.num_classes * self.sub_centers} dense rows, got "
                              f"{tuple(dense.shape)}")
         return shard_dense(dense, self.world_size, self.rank, self.sub_centers)
-
-    def gather_optimizer_state(self, optimizer: torch.optim.Optimizer,
-                               dst: int | None = None) -> dict[str, object]:
-        """optimizer.state[weight] with every weight-shaped tensor (momentum) gathered dense."""
-        state = optimizer.state.get(self.weight, {})
-        return {
-            name: self.gather_dense(value, dst) if _is_row_state(value, self.weight) else value
-            for name, value in sorted(state.items())
-        }
-
-    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, dense_state: dict[str, object]) -> None:
-        """Sets optimizer.state[weight] from `gather_optimizer_state`'s dict, cut to this shard."""
-        dense_rows = self.num_classes * self.sub_centers
-        optimizer.state[self.weight] = {
-            name: (self.local_rows(value).to(device=self.weight.device, dtype=self.weight.dtype, copy=True)
-                   if torch.is_tensor(value) and value.ndim == 2 and value.shape[0] == dense_rows
-                   and value.shape[1] == self.in_features else value)
-            for name, value in dense_state.items()
-        }
 
 
 class _GatherFeatures(torch.autograd.Function):

@@ -27,7 +27,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from arcface.partition import PARTITION_FILE, partition_text
 from arcface.textfile import DataError, read_text
+from support.errors import one_line_errors
 
 DEFAULT_ITEMS = 300
 DEFAULT_VIEWS = 12
@@ -326,15 +328,6 @@ def plan_items(items: int, views: int, seed: int, train_fraction: float) -> list
     return plans
 
 
-def partition_text(rows: list[tuple[str, str, str]]) -> str:
-    """The partition file: count line, header line, space-padded columns with trailing spaces."""
-    name_width = max(len(name) for name, _, _ in rows) + 8
-    item_width = max(20, max(len(item) for _, item, _ in rows) + 1)  # a space after the longest item id
-    lines = [f"{len(rows)}", "image_name item_id evaluation_status"]
-    lines += [f"{name:<{name_width}}{item:<{item_width}}{status:<12}" for name, item, status in rows]
-    return "\n".join(lines) + "\n"
-
-
 def write_data_set(root: Path, plans: list[ItemPlan], size: int, seed: int) -> None:
     rows = []
     for item_index, plan in enumerate(plans):
@@ -347,7 +340,7 @@ def write_data_set(root: Path, plans: list[ItemPlan], size: int, seed: int) -> N
             render_view(garment_image, rng).save(path, format="JPEG", quality=JPEG_QUALITY)
             rows.append((name, plan.item_id, status))
     (root / "Eval").mkdir()
-    (root / "Eval" / "list_eval_partition.txt").write_text(partition_text(rows))
+    (root / PARTITION_FILE).write_text(partition_text(rows))
 
 
 def generate_inshop(
@@ -427,6 +420,7 @@ def _reuse(out_dir: Path, params: dict) -> Path:
     return out_dir
 
 
+@one_line_errors
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m arcface.synthetic",

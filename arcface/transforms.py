@@ -19,17 +19,11 @@ from PIL import PngImagePlugin
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
-from arcface.imageheader import HeaderError, read_header
+from arcface.imageheader import MAX_IMAGE_PIXELS, HeaderError, read_header
 
 # ImageNet statistics on the 0-255 scale, as the reference recipe states them (RGB order).
 MEAN_RGB = (123.675, 116.28, 103.53)
 STD_RGB = (58.395, 57.12, 57.375)
-
-# The most pixels an image header may claim before load_image refuses to decode it. The value is
-# PIL's own default limit (PIL.Image.MAX_IMAGE_PIXELS, a 0.25 GB 24-bit bitmap): far above any
-# photograph a retrieval set holds (In-Shop images are well under a megapixel), far below what a
-# forged header can claim (a few bytes of JPEG may say 65535 x 65535, 12 GB decoded, per worker).
-MAX_IMAGE_PIXELS = 89_478_485
 
 # torchvision prefixes decoder errors with its C++ function and source location.
 _SOURCE_LOCATION = re.compile(r"^[^,]*, \S+:\d+, ")

@@ -37,7 +37,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -45,7 +44,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
 from arcface.model import build_model  # noqa: E402
-from runtime import free_port  # noqa: E402
+from support.runtime import free_port  # noqa: E402
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -99,11 +98,11 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, batches: lis
     no_sync = model.no_sync if (isinstance(model, DDP) and not sync) else None
     for images, labels in batches:
         if no_sync is None:
-            loss = F.cross_entropy(model(images, labels), labels)
+            loss = model(images, labels)
             loss.backward()
         else:
             with no_sync():
-                loss = F.cross_entropy(model(images, labels), labels)
+                loss = model(images, labels)
                 loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

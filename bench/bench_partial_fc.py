@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import statistics
 import sys
@@ -61,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from arcface.head import ArcFaceHead  # noqa: E402
 from arcface.partial_fc import PartialFCHead  # noqa: E402
-from runtime import free_port  # noqa: E402
+from support.runtime import free_port  # noqa: E402
 
 GIB = 2**30
 DENSE_PEAK_WEIGHTS = 8  # the dense head's peak per process, in weight sizes (see the docstring)

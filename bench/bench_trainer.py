@@ -6,7 +6,7 @@
 All variants train one model instance with one optimizer on the same in-memory synthetic batches
 (no decoding, no loader workers), so the difference between them is what the Trainer adds:
 
-  bare          for images, labels in batches: cross_entropy(model(images, labels)) -> backward
+  bare          for images, labels in batches: model(images, labels) (the loss) -> backward
                 -> SGD step -> zero_grad
   trainer       Trainer._run_epoch over prepare_dataloader(TensorDataset): the real path, with
                 EpochSampler, SeededDataset (per-sample fork_rng), collate, autocast context,
@@ -33,16 +33,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
 from arcface.model import RetrievalModel, build_model  # noqa: E402
-from config import Config  # noqa: E402
+from support.config import Config  # noqa: E402
 from datautils import SeededDataset, prepare_dataloader  # noqa: E402
-from job import make_optimizer, make_schedule  # noqa: E402
+from job import make_optimizer  # noqa: E402
+from support.schedule import make_schedule  # noqa: E402
 from trainer import Trainer  # noqa: E402
 
 VARIANTS = ("bare", "trainer", "trainer_batches")
@@ -99,7 +99,7 @@ def bench_config(args: argparse.Namespace, out_dir: str) -> Config:
 def bare_epoch(model: RetrievalModel, optimizer: torch.optim.Optimizer, batches: list[Batch]) -> None:
     model.train()
     for images, labels in batches:
-        loss = F.cross_entropy(model(images, labels), labels)
+        loss = model(images, labels)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

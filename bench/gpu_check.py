@@ -47,7 +47,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,9 +54,10 @@ sys.path.insert(0, str(ROOT))  # run from anywhere without installing
 
 from arcface.model import build_model  # noqa: E402
 from bench.bench_trainer import BatchLoader  # noqa: E402
-from config import Config  # noqa: E402
-from job import make_optimizer, make_schedule  # noqa: E402
-from snapshot import atomic_write_text  # noqa: E402
+from support.config import Config  # noqa: E402
+from job import make_optimizer  # noqa: E402
+from support.schedule import make_schedule  # noqa: E402
+from support.atomicfile import atomic_write_text  # noqa: E402
 from trainer import Trainer  # noqa: E402
 
 NUM_CLASSES = 3997  # In-Shop training items
@@ -259,8 +259,7 @@ def train_step(model: Callable, optimizer: torch.optim.Optimizer, plan: Plan,
                images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The Trainer's step without its bookkeeping: autocast forward, float32 loss, backward, SGD."""
     with torch.autocast(plan.device.type, dtype=plan.amp_dtype or torch.float32, enabled=plan.amp_dtype is not None):
-        logits = model(images, labels)
-    loss = F.cross_entropy(logits, labels)
+        loss = model(images, labels)  # the head's loss, float32
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

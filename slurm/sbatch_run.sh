@@ -112,13 +112,13 @@ if ((nproc == 0)); then
     nproc=$CPU_PROCS_PER_NODE
 fi
 
-# The head node's address as the other nodes resolve its name (slurm_env.py says why not `hostname
+# The head node's address as the other nodes resolve its name (support/slurm_env.py says why not `hostname
 # -i`); getent fails when the name does not resolve, and the name is then used as it is.
 head_addresses=$(getent ahostsv4 "$head_node" || true)
-head_addr=$(python3 -c 'import slurm_env, sys; print(slurm_env.rendezvous_host(sys.argv[1], sys.argv[2]))' \
+head_addr=$(python3 -c 'import support.slurm_env as s, sys; print(s.rendezvous_host(sys.argv[1], sys.argv[2]))' \
     "$head_node" "$head_addresses")
-# Same job id, same port on every node and after a requeue; slurm_env.py owns the formula.
-rdzv_port=${RDZV_PORT:-$(python3 -c 'import slurm_env, os; print(slurm_env.default_master_port(os.environ["SLURM_JOB_ID"]))')}
+# Same job id, same port on every node and after a requeue; support/slurm_env.py owns the formula.
+rdzv_port=${RDZV_PORT:-$(python3 -c 'import support.slurm_env as s, os; print(s.default_master_port(os.environ["SLURM_JOB_ID"]))')}
 
 out_args=()
 if ! has_out_dir "$@"; then

@@ -1,7 +1,7 @@
 #!/bin/bash
 # Step 5 without torchrun: srun starts every training process itself, one task per GPU (or per
 # CPU process), and each task reads its rank from Slurm's variables (multinode.py translates
-# them with slurm_env.torch_env_from_slurm). Nothing restarts a failed worker here; a failure
+# them with support.slurm_env.torch_env_from_slurm). Nothing restarts a failed worker here; a failure
 # ends the step, and resubmitting resumes from the last snapshot.
 #
 #   sbatch slurm/srun_run.sh 50 5 --config configs/inshop_r50.toml

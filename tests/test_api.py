@@ -1,6 +1,5 @@
 """tools.api: a trained model used from Python (embed images, search a gallery)."""
 
-import json
 from pathlib import Path
 
 import pytest
@@ -8,7 +7,7 @@ import torch
 
 import single_gpu
 from arcface.inshop import InShop
-from config import parse_config
+from support.config import parse_config
 from datautils import synthetic_root
 from tools import export, search
 from tools.api import Match, load_retriever

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-import config
-from config import Config, ConfigError
+from support import config
+from support.config import Config, ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -210,7 +210,9 @@ def test_absurd_sizes_exit_2_naming_the_key_and_the_bound(capsys, flags, message
 
 def test_every_bound_is_inclusive_and_far_past_the_reference_recipe():
     reference = Config(**config.load_toml(ROOT / "configs" / "inshop_r50.toml"))
-    for key, bound in config._AT_MOST.items():
+    bounds = {f.name: f.metadata["at_most"] for f in fields(Config) if "at_most" in f.metadata}
+    assert len(bounds) >= 20  # every size, count, seed and timeout
+    for key, bound in bounds.items():
         assert bound >= 10 * max(getattr(reference, key), 1), key
         sizes = {"resize": bound} if key == "crop" else {}
         assert getattr(Config(**{key: bound, **sizes}), key) == bound
@@ -226,7 +228,7 @@ def test_max_image_pixels_defaults_to_pils_bomb_limit_and_round_trips(tmp_path):
 
 def test_choices_and_the_margin_rule_are_the_ones_of_the_code_that_uses_them():
     from arcface import head, metrics, model
-    assert "arch" not in config._CHOICES  # too many to list: model.check_backbone checks it
+    assert "choices" not in config.facts("arch")  # too many to list: model.check_backbone checks it
     for arch, pooling, crop in [("vgg16", "avg", 64), ("vit_b_16", "gem", 64), ("vit_b_16", "avg", 60)]:
         with pytest.raises(ValueError) as model_error:
             model.check_backbone(arch, pooling, crop)
@@ -234,8 +236,8 @@ def test_choices_and_the_margin_rule_are_the_ones_of_the_code_that_uses_them():
             Config(arch=arch, pooling=pooling, crop=crop, resize=72)
         assert str(config_error.value) == str(model_error.value)
     assert all(Config(arch=arch, crop=224, resize=256).arch == arch for arch in model.ARCHS if arch != "vit_h_14")
-    assert config._CHOICES["pooling"] is model.POOLINGS
-    assert config._CHOICES["ap_mode"] is metrics.AP_MODES
+    assert config.facts("pooling")["choices"] is model.POOLINGS
+    assert config.facts("ap_mode")["choices"] is metrics.AP_MODES
     with pytest.raises(ValueError) as head_error:
         head.check_margin(3.5, "margin")
     with pytest.raises(ConfigError) as config_error:

@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import runtime
-from snapshot import SnapshotMismatch, load_snapshot
+from support import runtime
+from support.snapshot import SnapshotMismatch, read_snapshot
 from toy import init_gloo, toy_config, toy_trainer
 from trainer import Trainer
 
@@ -86,14 +86,14 @@ def test_a_run_stopped_mid_epoch_on_2_processes_resumes_on_1(tmp_path):
     mp.spawn(_stop_mid_epoch_worker, args=(runtime.free_port(), str(full), None), nprocs=2)
     mp.spawn(_stop_mid_epoch_worker, args=(runtime.free_port(), str(stopped), 6), nprocs=2)
     assert (stopped / "code0.txt").read_text() == str(128 + signal.SIGUSR1)
-    snap = load_snapshot(stopped / "snapshot.pt")
-    assert (snap["epochs_run"], snap["step_in_epoch"], snap["global_batch"]) == (1, 2, 16)  # 4 steps per epoch
+    snap = read_snapshot(stopped / "snapshot.pt")
+    assert (snap.epochs_run, snap.step_in_epoch, snap.global_batch) == (1, 2, 16)  # 4 steps per epoch
 
     resumed = toy_trainer(toy_config(stopped, batch_size=8, global_batch_size=16), batch_norm=True)
     assert (resumed.schedule.world_size, resumed.schedule.grad_accum_steps) == (1, 2)
     assert (resumed.epochs_run, resumed.step_in_epoch) == (1, 2)
     assert resumed.train() == 0
-    expected = load_snapshot(full / "snapshot.pt")["model"]
+    expected = read_snapshot(full / "snapshot.pt").model
     for name, param in resumed.raw_model.named_parameters():
         torch.testing.assert_close(param.detach(), expected[name], rtol=1e-3, atol=1e-5, msg=name)
     # BatchNorm's running statistics legitimately differ: under DDP they follow rank 0's
@@ -120,8 +120,8 @@ def test_another_global_batch_mid_epoch_is_refused_and_allowed_at_an_epoch_end(t
 
 
 def test_a_global_batch_that_does_not_split_is_a_config_error():
-    from config import Config, ConfigError
-    from job import make_schedule
+    from support.config import Config, ConfigError
+    from support.schedule import make_schedule
 
     with pytest.raises(ConfigError, match="global_batch_size: 24 is not a multiple of batch_size 8 x 2 processes"):
         make_schedule(Config(batch_size=8, global_batch_size=24), 100, world_size=2)

@@ -14,7 +14,8 @@ from PIL import Image
 
 from arcface import from_folder
 from arcface.from_folder import convert
-from arcface.inshop import InShop, read_partition
+from arcface.inshop import InShop
+from arcface.partition import read_partition
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -476,8 +477,8 @@ def test_the_command_line_writes_the_root_and_prints_a_summary(tree: Path, tmp_p
 def test_the_module_does_not_import_torch_and_shares_the_loaders_constants():
     from arcface import inshop, transforms
 
-    assert from_folder.PARTITION_FILE == inshop.PARTITION_FILE
-    assert from_folder.MAX_IMAGE_PIXELS == transforms.MAX_IMAGE_PIXELS
+    assert from_folder.PARTITION_FILE is inshop.PARTITION_FILE
+    assert from_folder.MAX_IMAGE_PIXELS is transforms.MAX_IMAGE_PIXELS
     probe = "import sys, arcface.from_folder; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "False", done.stderr

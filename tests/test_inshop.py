@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from arcface.inshop import InShop, read_partition
+from arcface.inshop import InShop
+from arcface.partition import read_partition
 from arcface.synthetic import generate_inshop
 from arcface.transforms import test_transform as make_test_transform
 

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-import runtime
-
+from support import runtime
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -235,7 +234,6 @@ def test_a_frozen_worker_ends_the_job_after_collective_timeout_s(tmp_path, synth
 
 
 def _relative_differences(a: dict, b: dict) -> dict[str, float]:
-    import torch
 
     return {k: float((a[k].float() - b[k].float()).norm() / b[k].float().norm().clamp(min=1e-12))
             for k in b if b[k].is_floating_point() and "running" not in k}

@@ -1,6 +1,5 @@
 """RetrievalModel shapes, pooling math, and loading backbone / mmpretrain checkpoints (offline)."""
 
-import functools
 import urllib.error
 import warnings
 
@@ -51,10 +50,12 @@ def test_output_shapes(images, pooling, embedding_dim, expected_dim):
     assert model.embedding_dim == expected_dim
     assert model.embed(images).shape == (2, expected_dim)
     assert model(images).shape == (2, expected_dim)
-    logits = model(images, labels)
+    logits = model.head(model.embed(images), labels)
     assert logits.shape == (2, NUM_CLASSES)
+    loss = model(images, labels)  # the training forward: the head's loss
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, labels))
     # One forward with labels reaches every trainable parameter (what DDP requires).
-    torch.nn.functional.cross_entropy(logits, labels).backward()
+    loss.backward()
     assert all(p.grad is not None for p in model.parameters())
 
 
@@ -273,7 +274,7 @@ def test_family_loads_torchvision_weights_embeds_their_feature_and_trains(arch):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     labels = torch.tensor([0, 4])
     before = model.head.weight.detach().clone()
-    torch.nn.functional.cross_entropy(model(images, labels), labels).backward()
+    model(images, labels).backward()
     assert [name for name, p in model.named_parameters() if p.grad is None] == []  # what DDP requires
     optimizer.step()
     assert not torch.equal(model.head.weight, before)

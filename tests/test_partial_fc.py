@@ -16,12 +16,20 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-
-import runtime
-from arcface.head import ArcFaceHead
-from arcface.partial_fc import (INIT_BLOCK_CLASSES, PartialFCHead, class_range, clip_grad_norm_,
-                                ddp_ignore_partial_fc, shard_dense)
 from toy import MyTrainDataset, init_gloo
+
+from arcface.head import ArcFaceHead
+from arcface.partial_fc import (
+    INIT_BLOCK_CLASSES,
+    PartialFCHead,
+    class_range,
+    clip_grad_norm_,
+    ddp_ignore_shards,
+    gather_dense_state,
+    shard_dense,
+    shard_dense_state,
+)
+from support import runtime
 
 IN, DIM, SCALE = 10, 6, 16.0
 # Loose enough for another summation order over ranks, tight enough for any real mistake (a
@@ -66,30 +74,32 @@ def test_class_range_errors_and_more_ranks_than_classes():
 
 @pytest.mark.parametrize("world", [1, 2, 3])
 @pytest.mark.parametrize("k", [1, 2])
-def test_dense_init_gives_the_dense_heads_rows_and_rng_state(world, k):
-    torch.manual_seed(3)
-    dense = ArcFaceHead(DIM, 11, sub_centers=k)
-    after_dense = torch.rand(3)
+def test_from_dense_takes_the_dense_heads_rows_and_settings_without_a_draw(world, k):
+    dense = ArcFaceHead(DIM, 11, scale=SCALE, margin=_margins(11), sub_centers=k, easy_margin=True)
     for rank in range(world):
-        torch.manual_seed(3)
-        head = PartialFCHead(DIM, 11, sub_centers=k, rank=rank, world_size=world)
+        rng_state = torch.get_rng_state()
+        head = PartialFCHead.from_dense(dense, sample_rate=0.5, seed=4, rank=rank, world_size=world)
+        assert torch.equal(torch.get_rng_state(), rng_state)  # a backbone built next starts equal too
         assert torch.equal(head.weight, dense.weight[_rows(head)])
-        assert torch.equal(torch.rand(3), after_dense)  # a backbone built next starts equal too
         assert torch.equal(head.weight, shard_dense(dense.weight, world, rank, k))
+        assert torch.equal(head.margin, dense.margin[head.class_start:head.class_stop])
+        assert (head.scale, head.easy_margin, head.sample_rate, head.seed) == (SCALE, True, 0.5, 4)
+        head.weight.data.add_(1.0)
+        assert not torch.equal(head.weight, dense.weight[_rows(head)])  # its own copy
 
 
-def test_sharded_init_does_not_depend_on_the_world_size():
+def test_drawn_rows_do_not_depend_on_the_world_size():
     classes, k = 2 * INIT_BLOCK_CLASSES + 5, 2  # three blocks, cut at other places per world size
     rng_state = torch.get_rng_state()
     dense = {world: torch.cat([PartialFCHead(4, classes, sub_centers=k, rank=rank, world_size=world,
-                                             init="sharded", seed=5).weight.detach()
+                                             seed=5).weight.detach()
                                for rank in range(world)])
              for world in (1, 2, 3)}
     assert torch.equal(torch.get_rng_state(), rng_state)  # leaves the global generator alone
     assert dense[1].shape == (classes * k, 4)
     assert torch.equal(dense[1], dense[2]) and torch.equal(dense[1], dense[3])
     assert 0.009 < dense[1].std().item() < 0.011  # ArcFaceHead's distribution, other numbers
-    other_seed = PartialFCHead(4, classes, sub_centers=k, world_size=1, init="sharded", seed=6)
+    other_seed = PartialFCHead(4, classes, sub_centers=k, world_size=1, seed=6)
     assert not torch.equal(other_seed.weight.detach(), dense[1])
 
 
@@ -104,8 +114,7 @@ def test_one_process_matches_dense_head_and_cross_entropy(k, easy_margin):
     margins = _margins(classes)
     torch.manual_seed(k)
     dense = ArcFaceHead(DIM, classes, SCALE, margins, k, easy_margin)
-    torch.manual_seed(k)
-    head = PartialFCHead(DIM, classes, SCALE, margins, k, easy_margin)
+    head = PartialFCHead.from_dense(dense)
     labels = torch.randint(0, classes, (n,))
     # A third of the samples pointed away from their class: the fallback branch is taken too.
     directions = dense.weight.detach().view(classes, k, DIM)[:, 0]
@@ -115,6 +124,9 @@ def test_one_process_matches_dense_head_and_cross_entropy(k, easy_margin):
     expected = F.cross_entropy(dense(features, labels), labels)
     loss = head(features, labels)
     torch.testing.assert_close(loss, expected, **TOL)
+    # Both heads give the Trainer a batch's loss the same way.
+    torch.testing.assert_close(dense.loss(features, labels, step=3), expected, atol=0, rtol=0)
+    torch.testing.assert_close(head.loss(features, labels, step=3), loss, atol=0, rtol=0)
     expected_grads = torch.autograd.grad(expected, [features, dense.weight])
     grads = torch.autograd.grad(loss, [features, head.weight])
     for got, want in zip(grads, expected_grads):
@@ -162,8 +174,8 @@ def test_constructor_errors():
         PartialFCHead(DIM, 5, sample_rate=0.0)
     with pytest.raises(ValueError, match=r"sample_rate must be in \(0, 1\]"):
         PartialFCHead(DIM, 5, sample_rate=1.5)
-    with pytest.raises(ValueError, match="init must be 'dense' or 'sharded'"):
-        PartialFCHead(DIM, 5, init="zeros")
+    with pytest.raises(ValueError, match=r"rows must have shape \(5, 6\) \(this rank's shard\), got \(4, 6\)"):
+        PartialFCHead(DIM, 5, rows=torch.zeros(4, DIM))
     with pytest.raises(ValueError, match="got 3 per-class margins, expected 5"):
         PartialFCHead(DIM, 5, margin=[0.1, 0.2, 0.3])
     with pytest.raises(RuntimeError, match="built for world_size 2"):
@@ -175,8 +187,7 @@ def test_sampling_keeps_positives_and_is_reproducible_per_seed_step_and_rank():
     labels = torch.randint(0, classes, (12,), generator=torch.Generator().manual_seed(0))
 
     def sample(rank: int, step: int, seed: int = 0) -> torch.Tensor:
-        head = PartialFCHead(DIM, classes, sample_rate=rate, rank=rank, world_size=3, seed=seed,
-                             init="sharded")
+        head = PartialFCHead(DIM, classes, sample_rate=rate, rank=rank, world_size=3, seed=seed)
         local, target = head.sample_classes(labels, step)
         mine = (labels >= head.class_start) & (labels < head.class_stop)
         # Every positive of this shard is scored, and each sample's column points at its class.
@@ -233,12 +244,12 @@ def _compare_with_dense(name: str, cfg: dict, accum: int, head_inside_ddp: bool,
     margin = _margins(classes) if cfg["per_class"] else 0.4
     head_args = (DIM, classes, SCALE, margin, k, cfg["easy_margin"])
     torch.manual_seed(0)
-    net = _Net(PartialFCHead(*head_args))
+    net = _Net(PartialFCHead.from_dense(ArcFaceHead(*head_args)))
     torch.manual_seed(0)
     reference = _Net(ArcFaceHead(*head_args))  # the same global RNG use: the same start
     assert torch.equal(net.head.weight, reference.head.weight[_rows(net.head)])
     if head_inside_ddp:  # the Trainer's layout: DDP around the whole model, the shard ignored
-        ddp_ignore_partial_fc(net)
+        assert ddp_ignore_shards(net) == ["head.weight", "head.margin"]
         step_model = DDP(net, gradient_as_bucket_view=True)
         backbone_ddp = step_model
     else:
@@ -259,7 +270,7 @@ def _compare_with_dense(name: str, cfg: dict, accum: int, head_inside_ddp: bool,
             (expected / accum).backward()
             torch.testing.assert_close(loss, expected, **TOL, msg=lambda m: f"{name}, step {step} loss: {m}")
         if clip:
-            total = clip_grad_norm_(net.embedding.parameters(), [net.head.weight], max_norm=1.0)
+            total = clip_grad_norm_(net, max_norm=1.0)
             expected_total = nn.utils.clip_grad_norm_(reference.parameters(), max_norm=1.0)
             torch.testing.assert_close(total, expected_total, **TOL)
             assert total > 1.0  # really clipped
@@ -274,7 +285,7 @@ def _compare_with_dense(name: str, cfg: dict, accum: int, head_inside_ddp: bool,
         ref_optimizer.zero_grad(set_to_none=True)
     dense = net.head.gather_dense(net.head.weight)
     torch.testing.assert_close(dense, reference.head.weight.detach(), **TOL, msg=lambda m: f"{name} weight: {m}")
-    momentum = net.head.gather_optimizer_state(optimizer)["momentum_buffer"]
+    momentum = net.head.gather_dense(optimizer.state[net.head.weight]["momentum_buffer"])
     torch.testing.assert_close(momentum, ref_optimizer.state[reference.head.weight]["momentum_buffer"], **TOL)
     for param, want in zip(net.embedding.parameters(), reference.embedding.parameters()):
         torch.testing.assert_close(param, want, **TOL, msg=lambda m: f"{name} backbone: {m}")
@@ -408,14 +419,12 @@ def _write_worker(rank: int, port: int, out_dir: str) -> None:
         optimizer = torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
         _train_steps(head, optimizer, range(2), rank, 3)
         dense = head.gather_dense(head.weight)
-        on_zero = head.gather_dense(head.weight, dst=0)
-        state = head.gather_optimizer_state(optimizer, dst=0)
+        model_state, optimizer_state = gather_dense_state(head, optimizer, dst=0)
         assert torch.equal(head.local_rows(dense), head.weight)
         if rank == 0:
-            assert torch.equal(on_zero, dense)
-            torch.save({"weight": on_zero, "optimizer": state}, Path(out_dir) / "dense.pt")
-        else:
-            assert on_zero is None and state["momentum_buffer"] is None
+            assert torch.equal(model_state["weight"], dense)
+            assert optimizer_state["state"][0]["momentum_buffer"].shape == dense.shape
+            torch.save({"model": model_state, "optimizer": optimizer_state}, Path(out_dir) / "dense.pt")
     finally:
         dist.destroy_process_group()
 
@@ -424,15 +433,15 @@ def _reshard_worker(rank: int, port: int, out_dir: str) -> None:
     init_gloo(rank, 2, port)
     try:
         saved = torch.load(Path(out_dir) / "dense.pt", weights_only=True)
-        head = PartialFCHead(**_RESHARD, init="sharded")  # other values, then overwritten
+        head = PartialFCHead(**_RESHARD)  # other values, then loaded
         optimizer = torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-        head.load_dense(saved["weight"])
-        head.load_optimizer_state(optimizer, saved["optimizer"])
-        assert torch.equal(head.weight, shard_dense(saved["weight"], 2, rank, 2))
+        _load_dense(head, optimizer, saved)
+        weight, saved_momentum = saved["model"]["weight"], saved["optimizer"]["state"][0]["momentum_buffer"]
+        assert torch.equal(head.weight, shard_dense(weight, 2, rank, 2))
         momentum = optimizer.state[head.weight]["momentum_buffer"]
-        assert torch.equal(momentum, shard_dense(saved["optimizer"]["momentum_buffer"], 2, rank, 2))
-        assert torch.equal(head.gather_dense(head.weight), saved["weight"])  # exactly
-        assert torch.equal(head.gather_dense(momentum), saved["optimizer"]["momentum_buffer"])
+        assert torch.equal(momentum, shard_dense(saved_momentum, 2, rank, 2))
+        assert torch.equal(head.gather_dense(head.weight), weight)  # exactly
+        assert torch.equal(head.gather_dense(momentum), saved_momentum)
         head.sample_rate = 1.0  # exact: the next step must not depend on the world size
         _train_steps(head, optimizer, range(2, 3), rank, 2)
         after = head.gather_dense(head.weight, dst=0)
@@ -448,17 +457,22 @@ def test_dense_snapshot_from_3_processes_reshards_onto_2_and_1(tmp_path):
     saved = torch.load(tmp_path / "dense.pt", weights_only=True)
     head = PartialFCHead(**_RESHARD)
     optimizer = torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    head.load_dense(saved["weight"])
-    head.load_optimizer_state(optimizer, saved["optimizer"])
-    assert torch.equal(head.weight, saved["weight"])
-    assert torch.equal(head.gather_dense(head.weight), saved["weight"])
+    _load_dense(head, optimizer, saved)
+    assert torch.equal(head.weight, saved["model"]["weight"])
+    assert torch.equal(head.gather_dense(head.weight), saved["model"]["weight"])
     _train_steps(head, optimizer, range(2, 3), 0, 1)
     # Weight and momentum re-sharded correctly: the same next step on 1 as on 2 processes.
     torch.testing.assert_close(head.weight.detach(), torch.load(tmp_path / "after_2.pt"), **TOL)
     dense = ArcFaceHead(DIM, 11, sub_centers=2)  # the dense head loads it as it is
-    dense.load_state_dict({"weight": saved["weight"]})
-    with pytest.raises(ValueError, match=r"expected a dense weight of shape \(22, 6\)"):
-        head.load_dense(saved["weight"][:20])
+    dense.load_state_dict(saved["model"])
+    with pytest.raises(ValueError, match=r"expected 22 dense rows, got \(20, 6\)"):
+        shard_dense_state(head, optimizer, {"weight": saved["model"]["weight"][:20]}, saved["optimizer"])
+
+
+def _load_dense(head: PartialFCHead, optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    model_state, optimizer_state = shard_dense_state(head, optimizer, saved["model"], saved["optimizer"])
+    head.load_state_dict(model_state)
+    optimizer.load_state_dict(optimizer_state)
 
 
 # ------------------------------------------------------------------------------------------

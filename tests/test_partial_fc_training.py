@@ -6,13 +6,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from toy import MyTrainDataset, ToyModel, init_gloo, toy_config
 
-import runtime
 from arcface.partial_fc import PartialFCHead
 from datautils import prepare_dataloader
-from job import make_optimizer, make_schedule, shard_head
-from snapshot import load_snapshot
-from toy import MyTrainDataset, ToyModel, init_gloo, toy_config
+from job import make_optimizer
+from support import runtime
+from support.schedule import make_schedule
+from support.snapshot import read_snapshot
 from trainer import Trainer
 
 CLASSES = 7  # divisible by neither 2 nor 3: shards of different sizes
@@ -23,7 +24,7 @@ def pfc_trainer(out_dir, **changes) -> Trainer:
     torch.manual_seed(0)
     model = ToyModel(num_classes=CLASSES, batch_norm=True)
     if cfg.partial_fc:
-        model.head = shard_head(model.head, cfg.partial_fc, cfg.seed)
+        model.head = PartialFCHead.from_dense(model.head, cfg.partial_fc, cfg.seed)
     train_set = MyTrainDataset(72, num_classes=CLASSES, seed=1)
     query_set, gallery_set = (MyTrainDataset(n, num_classes=CLASSES, seed=1, split=s) for n, s in ((14, 1), (21, 2)))
     schedule = make_schedule(cfg, len(train_set))
@@ -61,17 +62,17 @@ def test_partial_fc_at_rate_1_trains_like_the_dense_head_and_saves_it_dense(tmp_
     spawn(1, tmp_path / "dense")
     spawn(world_size, tmp_path / "sharded", partial_fc=1.0, clip_grad_norm=5.0)
     spawn(1, tmp_path / "dense_clipped", clip_grad_norm=5.0)
-    dense, sharded = (load_snapshot(tmp_path / d / "snapshot.pt") for d in ("dense_clipped", "sharded"))
-    assert sharded["model"]["head.weight"].shape == (CLASSES, 8)  # the dense layout, whatever the sharding
-    assert_close_states(sharded["model"], dense["model"])
-    head_index = len(dense["optimizer"]["state"]) - 1  # the head is the model's last parameter
-    torch.testing.assert_close(sharded["optimizer"]["state"][head_index]["momentum_buffer"],
-                               dense["optimizer"]["state"][head_index]["momentum_buffer"], rtol=1e-4, atol=1e-4)
+    dense, sharded = (read_snapshot(tmp_path / d / "snapshot.pt") for d in ("dense_clipped", "sharded"))
+    assert sharded.model["head.weight"].shape == (CLASSES, 8)  # the dense layout, whatever the sharding
+    assert_close_states(sharded.model, dense.model)
+    head_index = len(dense.optimizer["state"]) - 1  # the head is the model's last parameter
+    torch.testing.assert_close(sharded.optimizer["state"][head_index]["momentum_buffer"],
+                               dense.optimizer["state"][head_index]["momentum_buffer"], rtol=1e-4, atol=1e-4)
     # (Later evaluations differ legitimately: BatchNorm's running statistics follow rank 0's
     # micro-batches under DDP and all of them on one process.)
-    first_eval = lambda s: next(r for r in s["history"] if "recall@1" in r)
+    first_eval = lambda s: next(r for r in s.history if "recall@1" in r)
     assert first_eval(sharded)["mAP@10"] == pytest.approx(first_eval(dense)["mAP@10"])
-    unclipped = load_snapshot(tmp_path / "dense" / "snapshot.pt")["model"]
+    unclipped = read_snapshot(tmp_path / "dense" / "snapshot.pt").model
     assert not torch.allclose(unclipped["embedding.weight"], dense["model"]["embedding.weight"])  # clipping bit
 
 
@@ -81,10 +82,10 @@ def test_a_snapshot_of_3_processes_resumes_on_2_and_on_1(tmp_path, rate):
     for resume_world in (2, 1):
         run = tmp_path / f"resumed_on_{resume_world}"
         mp.spawn(_worker, args=(3, runtime.free_port(), str(run), {"partial_fc": rate, "total_epochs": 1}), nprocs=3)
-        assert load_snapshot(run / "snapshot.pt")["epochs_run"] == 1
+        assert read_snapshot(run / "snapshot.pt").epochs_run == 1
         spawn(resume_world, run, partial_fc=rate)  # total_epochs 1 -> 3: a resumable change
-    full = load_snapshot(tmp_path / "full" / "snapshot.pt")["model"]
-    on_2, on_1 = (load_snapshot(tmp_path / f"resumed_on_{w}" / "snapshot.pt")["model"] for w in (2, 1))
+    full = read_snapshot(tmp_path / "full" / "snapshot.pt").model
+    on_2, on_1 = (read_snapshot(tmp_path / f"resumed_on_{w}" / "snapshot.pt").model for w in (2, 1))
     # At r = 1 the math does not depend on the world size (the warm-up spans epoch 1, so the
     # stretched schedule matches too): all three runs agree. At r < 1 the shard boundaries decide
     # which negatives each rank draws, so only the resume itself and the dense layout are checked.
@@ -99,5 +100,5 @@ def test_sampling_below_rate_1_is_reproducible_after_a_resume(tmp_path):
     mp.spawn(_worker, args=(2, runtime.free_port(), str(tmp_path / "resumed"), {"partial_fc": 0.5, "total_epochs": 1}),
              nprocs=2)
     spawn(2, tmp_path / "resumed", partial_fc=0.5)  # (the warm-up spans epoch 1: the same lr as "full")
-    full, resumed = (load_snapshot(tmp_path / d / "snapshot.pt")["model"] for d in ("full", "resumed"))
+    full, resumed = (read_snapshot(tmp_path / d / "snapshot.pt").model for d in ("full", "resumed"))
     assert_close_states(resumed, full, tol=0.0)  # the same class draws at the same steps

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rundir import RunDir, RunDirBusy
-from snapshot import SnapshotMismatch, SnapshotWriteError, load_snapshot
+from support.rundir import RunDir, RunDirBusy
+from support.snapshot import SnapshotMismatch, SnapshotWriteError, read_snapshot
 from toy import toy_config, toy_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +29,7 @@ def test_a_second_run_on_a_directory_in_use_is_refused_naming_the_owner(tmp_path
 
 
 def test_a_lock_left_by_a_killed_process_does_not_block_the_next_run(tmp_path):
-    code = ("import os, signal, sys; sys.path.insert(0, '.'); from rundir import RunDir; "
+    code = ("import os, signal, sys; sys.path.insert(0, '.'); from support.rundir import RunDir; "
             f"RunDir({str(tmp_path)!r}).acquire(); print('locked', flush=True); os.kill(os.getpid(), signal.SIGKILL)")
     holder = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert holder.returncode == -signal.SIGKILL and "locked" in holder.stdout
@@ -40,22 +40,31 @@ def test_a_lock_left_by_a_killed_process_does_not_block_the_next_run(tmp_path):
 def test_a_held_lock_is_reported_across_processes(tmp_path):
     owner = RunDir(tmp_path)
     owner.acquire()
-    code = f"import sys; sys.path.insert(0, '.'); from rundir import RunDir; RunDir({str(tmp_path)!r}).acquire()"
+    code = f"import sys; sys.path.insert(0, '.'); from support.rundir import RunDir; RunDir({str(tmp_path)!r}).acquire()"
     other = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert other.returncode == 1 and f"(pid {os.getpid()} on" in other.stderr
     owner.release()
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
 
 
-def test_stale_temporaries_of_killed_writes_are_removed(tmp_path, capsys):
+def test_stale_temporaries_of_killed_writes_are_removed_but_never_a_live_writers(tmp_path, capsys):
     toy_trainer(toy_config(tmp_path, total_epochs=1)).train()
-    stale = [tmp_path / ".snapshot.4242.tmp.pt", tmp_path / ".snapshot.pt.4243.tmp", tmp_path / ".metrics.77.tmp.jsonl"]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # a process that has ended: its temporaries are left over
+    stale = [tmp_path / f".snapshot.{dead_pid}.tmp.pt", tmp_path / f".metrics.{dead_pid}.tmp.jsonl",
+             tmp_path / ".config.x.tmp.toml"]
     for path in stale:
         path.write_bytes(b"PK\x03\x04 half a snapshot")
     (tmp_path / "notes.tmp").write_text("not ours")
-    toy_trainer(toy_config(tmp_path, total_epochs=2)).train()
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as writer:
+        live = tmp_path / f".snapshot.{writer.pid}.tmp.pt"  # another process writing right now
+        live.write_bytes(b"PK\x03\x04 being written")
+        try:
+            toy_trainer(toy_config(tmp_path, total_epochs=2)).train()
+        finally:
+            writer.kill()
     assert not any(path.exists() for path in stale)
-    assert (tmp_path / "notes.tmp").exists()
+    assert live.exists() and (tmp_path / "notes.tmp").exists()
     assert "removed 3 temporary file(s) of interrupted writes" in capsys.readouterr().out
 
 
@@ -97,7 +106,7 @@ def test_a_resume_records_the_settings_it_changes(tmp_path, capsys):
 def test_a_full_disk_says_the_snapshot_was_not_written_and_the_previous_one_is_intact(tmp_path, monkeypatch):
     t = toy_trainer(toy_config(tmp_path, total_epochs=1))
     t.train()
-    before = load_snapshot(tmp_path / "snapshot.pt")
+    before = read_snapshot(tmp_path / "snapshot.pt")
 
     def full_disk(obj, f, *args, **kwargs):
         f.write(b"PK\x03\x04 partial")
@@ -108,7 +117,7 @@ def test_a_full_disk_says_the_snapshot_was_not_written_and_the_previous_one_is_i
         t._save_snapshot()
     assert str(refused.value) == (f"{tmp_path / 'snapshot.pt'}: the snapshot could not be written (the disk "
                                   f"holding it is full); the previous snapshot there is intact")
-    assert load_snapshot(tmp_path / "snapshot.pt")["epochs_run"] == before["epochs_run"]
+    assert read_snapshot(tmp_path / "snapshot.pt").epochs_run == before.epochs_run
     assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
 
 
@@ -130,8 +139,7 @@ def test_tensorboard_events_hold_the_scalars_of_metrics_jsonl(tmp_path):
 def test_tensorboard_without_the_package_is_a_config_error(monkeypatch):
     import importlib.util
 
-    import config
-
+    from support import config
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
     with pytest.raises(config.ConfigError, match="tensorboard: the tensorboard package is not installed; pip install"):

@@ -9,12 +9,13 @@ import time
 import pytest
 import torch.multiprocessing as mp
 
-import runtime
-from config import ConfigError
+from support import runtime
+from support.errors import one_line_errors
+from support.config import ConfigError
 
 
 def test_one_line_errors_print_one_line_and_exit_with_the_errors_status(capsys):
-    @runtime.one_line_errors
+    @one_line_errors
     def fails(error):
         raise error
 
@@ -35,7 +36,7 @@ def test_one_line_errors_print_one_line_and_exit_with_the_errors_status(capsys):
 
 
 def test_a_bug_keeps_its_traceback():
-    @runtime.one_line_errors
+    @one_line_errors
     def buggy():
         raise RuntimeError("shape mismatch in my new layer")
 

@@ -198,13 +198,14 @@ def test_srun_run_two_nodes_requeues_on_usr1_and_resumes(cluster, project):
 
 # A relative path ending in .py/.toml/.sh (absolute paths and <placeholders> are not the project's).
 PATH_TOKEN = re.compile(r"(?<![\w./<>~$-])((?:[\w-]+/)*[\w-]+\.(?:py|toml|sh))\b")
-IMPORT = re.compile(r"\bimport (\w+)")
+IMPORT = re.compile(r"\bimport ([\w.]+)")
 INSTALLED_MODULES = set(sys.stdlib_module_names) | {"torch", "torchvision", "numpy", "PIL", "tqdm", "pytest"}
 
 
 def named_project_files(text: str) -> set[str]:
     """Project-relative files a script or guide names: scripts, configs and `python -c` imports."""
-    modules = {f"{module}.py" for module in IMPORT.findall(text) if module not in INSTALLED_MODULES}
+    modules = {f"{module.replace('.', '/')}.py" for module in IMPORT.findall(text)
+               if module.split(".")[0] not in INSTALLED_MODULES}
     return set(PATH_TOKEN.findall(text)) | modules
 
 
@@ -214,7 +215,7 @@ def test_every_file_named_under_slurm_exists():
         if path.is_file():
             for name in named_project_files(path.read_text()):
                 checked[name] = path.name
-    assert {"multinode.py", "slurm_env.py"} <= set(checked), checked  # the scan reads the scripts
+    assert {"multinode.py", "support/slurm_env.py"} <= set(checked), checked  # the scan reads the scripts
     missing = {name: where for name, where in checked.items() if not (REPO / name).exists()}
     assert not missing, f"files named under slurm/ that the project lacks: {missing}"
 
@@ -223,10 +224,10 @@ def test_named_file_scan_sees_what_it_must():
     # The scanner itself: it must catch a missing config or launcher, not only pass.
     text = (
         "sbatch slurm/sbatch_run.sh 5 1 --config configs/nope.toml\n"
-        "python3 -c 'import slurm_env, os'\nsrun python3 x.py\n"
+        "python3 -c 'import support.slurm_env as s, os'\nsrun python3 x.py\n"
         "source /opt/venv/bin/activate.sh ~/y.py <CONFIG>.toml $HOME/z.py"
     )
-    assert named_project_files(text) == {"slurm/sbatch_run.sh", "configs/nope.toml", "slurm_env.py", "x.py"}
+    assert named_project_files(text) == {"slurm/sbatch_run.sh", "configs/nope.toml", "support/slurm_env.py", "x.py"}
 
 
 def test_cluster_template_is_complete():

@@ -2,8 +2,8 @@
 
 import pytest
 
-import slurm_env
-from slurm_env import (
+from support import slurm_env
+from support.slurm_env import (
     default_master_port,
     expand_hostlist,
     expand_tasks_per_node,

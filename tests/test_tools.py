@@ -16,11 +16,11 @@ from PIL import Image
 import single_gpu
 from arcface.inshop import InShop
 from arcface.transforms import load_image, test_transform
-from config import Config, dump_toml, parse_config
+from support.config import Config, dump_toml, from_plain, parse_config, to_plain
 from datautils import synthetic_root
 from tools import evaluate, export, search, visualize
 from tools.common import IndexMismatch, load_model, run_cli
-from snapshot import SnapshotError, atomic_torch_save, load_snapshot
+from support.snapshot import SNAPSHOT_VERSION, Snapshot, SnapshotError, read_snapshot, write_snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["--num_workers", "0"]
@@ -35,9 +35,9 @@ def run(tmp_path_factory) -> SimpleNamespace:
     assert single_gpu.main(cfg) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     last_eval = [record for record in records if "recall@1" in record][-1]
-    snapshot = load_snapshot(out / "snapshot.pt")
+    snapshot = read_snapshot(out / "snapshot.pt")
     return SimpleNamespace(snapshot=out / "snapshot.pt", last_eval=last_eval, root=synthetic_root(cfg),
-                           num_classes=snapshot["num_classes"], out=out)
+                           num_classes=snapshot.num_classes, out=out)
 
 
 def read_json(path: Path) -> dict:
@@ -165,7 +165,7 @@ def test_rerank_flag_errors_end_with_usage(tmp_path, monkeypatch, capsys, flags,
 def mmpretrain_checkpoint(snapshot_path: Path, path: Path, retriever_layout: bool) -> Path:
     """The snapshot's weights under mmpretrain's key names (classifier or retriever layout)."""
     state = {}
-    for key, tensor in load_snapshot(snapshot_path)["model"].items():
+    for key, tensor in read_snapshot(snapshot_path).model.items():
         if key == "head.weight":
             key = "head.norm_product.weight"
         elif retriever_layout and key.startswith("backbone."):
@@ -240,9 +240,9 @@ def test_search_inshop_queries_know_their_items(run, tmp_path, capsys):
 
 
 def perturbed_snapshot(run, path: Path, key: str) -> Path:
-    snapshot = load_snapshot(run.snapshot)
-    snapshot["model"][key] = snapshot["model"][key] + 0.05
-    atomic_torch_save(snapshot, path)
+    snapshot = read_snapshot(run.snapshot)
+    snapshot.model[key] = snapshot.model[key] + 0.05
+    write_snapshot(snapshot, path)
     return path
 
 
@@ -473,8 +473,8 @@ def test_grid_and_curves_inputs_that_are_not_utf8_name_file_and_line(tmp_path):
 def test_the_lr_of_every_step_is_recomputed_from_the_run_directory(run):
     records = visualize.read_metrics(run.out / "metrics.jsonl")
     epochs, lrs = visualize.step_learning_rates(run.out / "metrics.jsonl", records)
-    snapshot = load_snapshot(run.snapshot)
-    steps, cfg = snapshot["steps_per_epoch"], Config(**snapshot["config"])
+    snapshot = read_snapshot(run.snapshot)
+    steps, cfg = snapshot.steps_per_epoch, from_plain(snapshot.config)
     logged = {record["epoch"]: record["lr"] for record in records if "lr" in record}
     assert len(lrs) == max(logged) * steps and epochs[-1] == max(logged)
     for epoch, lr in logged.items():
@@ -487,12 +487,15 @@ def test_the_lr_of_every_step_is_recomputed_from_the_run_directory(run):
 
 def fake_run(path: Path, world_size: int, steps: int, **fields) -> Path:
     """A run directory as the trainer leaves it, for a run on `world_size` processes."""
-    from job import lr_schedule
+    from support.schedule import lr_schedule
 
     cfg = Config(out_dir=str(path), **fields)
     path.mkdir()
     (path / "config.toml").write_text(dump_toml(cfg))
-    torch.save({"steps_per_epoch": steps, "model": {"w": torch.zeros(3)}}, path / "snapshot.pt")
+    snapshot = Snapshot(format_version=SNAPSHOT_VERSION, model={"w": torch.zeros(3)}, optimizer={"state": {}, "param_groups": []},
+                        scaler={}, epochs_run=cfg.total_epochs, step_in_epoch=0, steps_per_epoch=steps, global_batch=1,
+                        num_classes=2, config=to_plain(cfg), history=[], best={}, rng={"torch": torch.get_rng_state(), "cuda": []})
+    write_snapshot(snapshot, path / "snapshot.pt")
     base_lr = cfg.lr * cfg.batch_size * world_size / cfg.lr_batch_size
     schedule = lr_schedule(base_lr, cfg.total_epochs, steps, cfg.warmup_epochs, cfg.warmup_factor, cfg.min_lr)
     records = [{"epoch": 0, "recall@1": 1.0}]
@@ -502,7 +505,7 @@ def fake_run(path: Path, world_size: int, steps: int, **fields) -> Path:
 
 
 def test_the_step_lr_of_a_multi_process_run_with_a_floor(tmp_path):
-    from job import lr_schedule
+    from support.schedule import lr_schedule
 
     metrics = fake_run(tmp_path / "run", world_size=8, steps=7, total_epochs=5, warmup_epochs=2,
                        warmup_factor=0.1, min_lr=1e-3, lr=0.2, batch_size=16)
@@ -515,7 +518,7 @@ def test_the_step_lr_of_a_multi_process_run_with_a_floor(tmp_path):
     with pytest.raises(ValueError, match="another schedule"):
         visualize.step_learning_rates(metrics, records)
     (tmp_path / "run" / "snapshot.pt").unlink()
-    with pytest.raises(ValueError, match=r"snapshot\.pt: no steps_per_epoch"):
+    with pytest.raises(ValueError, match=r"snapshot\.pt: no such snapshot file \(its steps per epoch"):
         visualize.step_learning_rates(metrics, visualize.read_metrics(metrics))
 
 

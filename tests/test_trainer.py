@@ -11,14 +11,28 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torchvision
+from toy import (
+    MyTrainDataset,
+    ToyModel,
+    init_gloo,
+    toy_config,
+    toy_eval_sets,
+    toy_trainer,
+)
 
-import runtime
 from arcface.retrieval import evaluate_retrieval
-from config import Config, load_toml
 from datautils import EpochSampler
-from job import load_train_objs, lr_schedule, steps_per_epoch
-from snapshot import SnapshotError, SnapshotMismatch, load_snapshot
-from toy import MyTrainDataset, ToyModel, init_gloo, toy_config, toy_eval_sets, toy_trainer
+from job import load_train_objs
+from support import runtime
+from support.config import Config, load_toml
+from support.schedule import lr_schedule, steps_per_epoch
+from support.snapshot import (
+    SNAPSHOT_VERSION,
+    SnapshotError,
+    SnapshotMismatch,
+    read_snapshot,
+    write_snapshot,
+)
 from trainer import Trainer
 
 
@@ -178,7 +192,7 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "_run_epoch", crash_in_third_epoch)
     with pytest.raises(RuntimeError, match="simulated crash"):
         toy_trainer(toy_config(tmp_path / "resumed")).train()
-    assert load_snapshot(tmp_path / "resumed" / "snapshot.pt")["epochs_run"] == 2
+    assert read_snapshot(tmp_path / "resumed" / "snapshot.pt").epochs_run == 2
     monkeypatch.setattr(Trainer, "_run_epoch", original)
     resumed = toy_trainer(toy_config(tmp_path / "resumed"))
     assert resumed.epochs_run == 2
@@ -209,8 +223,8 @@ def test_signal_stops_mid_epoch_and_resume_is_exact(tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "_run_batch", signal_on_eleventh_batch)
     stopped = toy_trainer(toy_config(tmp_path / "run"))
     assert stopped.train() == 128 + signal.SIGUSR1
-    snap = load_snapshot(tmp_path / "run" / "snapshot.pt")
-    assert (snap["epochs_run"], snap["step_in_epoch"]) == (1, 3)  # 8 steps per epoch: batch 11 is step 3 of epoch 2
+    snap = read_snapshot(tmp_path / "run" / "snapshot.pt")
+    assert (snap.epochs_run, snap.step_in_epoch) == (1, 3)  # 8 steps per epoch: batch 11 is step 3 of epoch 2
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # handlers restored after train()
     monkeypatch.setattr(Trainer, "_run_batch", original)
     resumed = toy_trainer(toy_config(tmp_path / "run"))
@@ -237,8 +251,8 @@ def test_signal_in_the_last_step_of_an_epoch_completes_that_epoch(tmp_path, monk
     _signal_on_batch(monkeypatch, 16)  # 8 steps per epoch: the last step of epoch 2
     stopped = toy_trainer(toy_config(tmp_path / "run"))
     assert stopped.train() == 128 + signal.SIGUSR1
-    snap = load_snapshot(tmp_path / "run" / "snapshot.pt")
-    assert (snap["epochs_run"], snap["step_in_epoch"]) == (2, 0)
+    snap = read_snapshot(tmp_path / "run" / "snapshot.pt")
+    assert (snap.epochs_run, snap.step_in_epoch) == (2, 0)
     assert "stopped by SIGUSR1 after epoch 2; snapshot saved" in capsys.readouterr().out
     lines = read_lines(tmp_path / "run")
     assert train_epochs(lines) == [1, 2] and all(np.isfinite(r["lr"]) for r in lines if "lr" in r)
@@ -259,7 +273,7 @@ def test_an_evaluation_run_on_resume_is_kept(tmp_path, monkeypatch):
     for _ in range(2):  # a shorter run: epoch 2 is now its last, so its evaluation is due
         assert toy_trainer(toy_config(tmp_path, eval_every=4, total_epochs=2)).train() == 0
     assert [r["epoch"] for r in read_lines(tmp_path) if "recall@1" in r] == [0, 2]
-    assert [r["epoch"] for r in load_snapshot(tmp_path / "snapshot.pt")["history"] if "recall@1" in r] == [0, 2]
+    assert [r["epoch"] for r in read_snapshot(tmp_path / "snapshot.pt").history if "recall@1" in r] == [0, 2]
 
 
 def test_signal_in_the_very_last_step_finishes_the_run(tmp_path, monkeypatch):
@@ -268,13 +282,13 @@ def test_signal_in_the_very_last_step_finishes_the_run(tmp_path, monkeypatch):
     assert trainer.train() == 0
     lines = read_lines(tmp_path)
     assert train_epochs(lines) == [1, 2, 3, 4] and [r["epoch"] for r in lines if "recall@1" in r] == [0, 2, 4]
-    assert load_snapshot(tmp_path / "snapshot.pt")["epochs_run"] == 4
+    assert read_snapshot(tmp_path / "snapshot.pt").epochs_run == 4
 
 
 def test_crash_while_writing_snapshot_keeps_the_previous_one(tmp_path, monkeypatch):
     t = toy_trainer(toy_config(tmp_path, total_epochs=2))
     t.train()
-    before = load_snapshot(tmp_path / "snapshot.pt")
+    before = read_snapshot(tmp_path / "snapshot.pt")
 
     def half_written(obj, f, *args, **kwargs):
         f.write(b"PK\x03\x04 partial")
@@ -283,9 +297,9 @@ def test_crash_while_writing_snapshot_keeps_the_previous_one(tmp_path, monkeypat
     monkeypatch.setattr(torch, "save", half_written)
     with pytest.raises(OSError, match="disk full"):
         t._save_snapshot()
-    after = load_snapshot(tmp_path / "snapshot.pt")
-    assert after["epochs_run"] == before["epochs_run"] == 2
-    assert_same_weights(after["model"], before["model"])
+    after = read_snapshot(tmp_path / "snapshot.pt")
+    assert after.epochs_run == before.epochs_run == 2
+    assert_same_weights(after.model, before.model)
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
@@ -293,16 +307,15 @@ def test_snapshot_from_another_model_is_refused(tmp_path):
     toy_trainer(toy_config(tmp_path, total_epochs=1)).train()
     with pytest.raises(SnapshotMismatch, match="arch"):
         toy_trainer(toy_config(tmp_path, total_epochs=1, arch="resnet50"))
-    snap = load_snapshot(tmp_path / "snapshot.pt")
-    snap["num_classes"] = 7
-    torch.save(snap, tmp_path / "snapshot.pt")
+    snap = read_snapshot(tmp_path / "snapshot.pt")
+    write_snapshot(dataclasses.replace(snap, num_classes=7), tmp_path / "snapshot.pt")
     with pytest.raises(SnapshotMismatch, match="num_classes"):
         toy_trainer(toy_config(tmp_path, total_epochs=1))
     (tmp_path / "snapshot.pt").write_bytes(b"not a snapshot")
     with pytest.raises(SnapshotError, match="snapshot.pt: cannot be read as a snapshot") as refused:
         toy_trainer(toy_config(tmp_path, total_epochs=1))
     assert "weights_only" not in str(refused.value)
-    torch.save({"format_version": 1, "model": {}}, tmp_path / "snapshot.pt")
+    torch.save({"format_version": SNAPSHOT_VERSION, "model": {}}, tmp_path / "snapshot.pt")
     with pytest.raises(SnapshotError, match="not a complete snapshot .missing optimizer"):
         toy_trainer(toy_config(tmp_path, total_epochs=1))
 
@@ -313,10 +326,9 @@ def test_resuming_with_fewer_total_epochs_is_refused_before_anything_is_rewritte
     with pytest.raises(SnapshotMismatch, match="has run 2 epochs, more than total_epochs 1"):
         toy_trainer(toy_config(tmp_path, total_epochs=1))
     assert (tmp_path / "config.toml").read_text() == config_before
-    snap = load_snapshot(tmp_path / "snapshot.pt")
-    snap["epochs_run"], snap["step_in_epoch"] = 1, snap["steps_per_epoch"]
-    torch.save(snap, tmp_path / "snapshot.pt")
-    with pytest.raises(SnapshotError, match="step 8 is not inside an epoch of 8 steps"):
+    snap = read_snapshot(tmp_path / "snapshot.pt")
+    write_snapshot(dataclasses.replace(snap, epochs_run=1, step_in_epoch=snap.steps_per_epoch), tmp_path / "snapshot.pt")
+    with pytest.raises(SnapshotError, match=r"field step_in_epoch: expected an integer in \[0, 7\], got 8"):
         toy_trainer(toy_config(tmp_path, total_epochs=2))
 
 
@@ -325,8 +337,8 @@ def test_non_finite_loss_stops_naming_epoch_and_step(tmp_path, monkeypatch):
     original = t.raw_model.forward
     calls = {"n": 0}
 
-    def poisoned(x, labels=None):
-        out = original(x, labels)
+    def poisoned(x, labels=None, step=0):
+        out = original(x, labels, step)
         if labels is not None:
             calls["n"] += 1
             if calls["n"] == 13:
@@ -337,7 +349,7 @@ def test_non_finite_loss_stops_naming_epoch_and_step(tmp_path, monkeypatch):
     with pytest.raises(FloatingPointError, match=r"non-finite loss at epoch 2 step 5: .*the last good snapshot "
                                                  r"\(after epoch 1\) is kept"):
         t.train()
-    assert load_snapshot(tmp_path / "snapshot.pt")["epochs_run"] == 1  # the last good one
+    assert read_snapshot(tmp_path / "snapshot.pt").epochs_run == 1  # the last good one
 
 
 def test_divergence_with_a_finite_loss_stops_where_it_arises_and_saves_nothing(tmp_path):
@@ -357,7 +369,7 @@ def test_no_snapshot_is_saved_with_non_finite_weights(tmp_path):
         t.raw_model.embedding.weight[0, 0] = float("inf")
     with pytest.raises(FloatingPointError, match=r"non-finite weights \(embedding.weight\) after epoch 2"):
         t._save_snapshot()
-    assert torch.isfinite(load_snapshot(tmp_path / "snapshot.pt")["model"]["embedding.weight"]).all()
+    assert torch.isfinite(read_snapshot(tmp_path / "snapshot.pt").model["embedding.weight"]).all()
 
 
 def test_gradient_accumulation_equals_the_large_batch(tmp_path):
@@ -421,7 +433,7 @@ def test_ddp_evaluates_with_the_batch_norm_statistics_the_snapshot_keeps(tmp_pat
     ranks = [torch.load(tmp_path / f"buffers{rank}.pt", weights_only=True) for rank in (0, 1)]
     assert all(torch.equal(ranks[0][name], ranks[1][name]) for name in ranks[0])
     model = ToyModel(batch_norm=True)
-    model.load_state_dict(load_snapshot(tmp_path / "snapshot.pt")["model"])
+    model.load_state_dict(read_snapshot(tmp_path / "snapshot.pt").model)
     query_set, gallery_set = toy_eval_sets()
     expected = evaluate_retrieval(model.embed, query_set, gallery_set, batch_size=16, device=torch.device("cpu"),
                                   recall_at=(1, 5), map_at=(10,))
@@ -444,7 +456,7 @@ def _unreadable_snapshot_worker(rank: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.parametrize("content, reason", [
     (b"not a snapshot", "cannot be read as a snapshot"),
-    ({"format_version": 1, "epochs_run": 1, "step_in_epoch": 0}, "not a complete snapshot"),
+    ({"format_version": SNAPSHOT_VERSION, "epochs_run": 1, "step_in_epoch": 0}, "not a complete snapshot"),
 ])
 def test_an_unreadable_snapshot_stops_every_rank_instead_of_hanging(tmp_path, content, reason):
     if isinstance(content, bytes):
@@ -467,7 +479,7 @@ def test_compile_and_channels_last_run_on_cpu(tmp_path):
     t = toy_trainer(toy_config(tmp_path, total_epochs=1, compile=True, channels_last=True))
     assert t.train() == 0
     assert torch.isfinite(t.raw_model.embedding.weight).all()
-    assert not any(k.startswith("_orig_mod") for k in load_snapshot(tmp_path / "snapshot.pt")["model"])
+    assert not any(k.startswith("_orig_mod") for k in read_snapshot(tmp_path / "snapshot.pt").model)
 
 
 def test_sync_bn_on_cpu_falls_back_with_a_message(tmp_path, capsys):

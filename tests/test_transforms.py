@@ -113,7 +113,7 @@ def test_invalid_sizes_are_rejected(resize, crop):
 
 
 def test_the_config_checks_crop_and_resize_with_the_transforms_rule():
-    from config import Config, ConfigError
+    from support.config import Config, ConfigError
 
     with pytest.raises(ValueError) as rule:
         transforms.check_sizes(64, 72)

@@ -6,13 +6,13 @@ import os
 
 import torch
 from torch import nn
-
 from torch.utils.data import Dataset
 
 from arcface.head import ArcFaceHead
-from config import Config
 from datautils import prepare_dataloader
-from job import make_optimizer, make_schedule
+from job import make_optimizer
+from support.config import Config
+from support.schedule import make_schedule
 from trainer import Trainer
 
 
@@ -46,9 +46,9 @@ class ToyModel(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.embedding(x))
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        features = self.embed(x)
-        return features if labels is None else self.head(features, labels)
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, step: int = 0) -> torch.Tensor:
+        features = self.embed(x)  # the Trainer's model contract: the embedding, or the batch's loss
+        return features if labels is None else self.head.loss(features, labels, step)
 
 
 def toy_config(out_dir: str, **changes) -> Config:

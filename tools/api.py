@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-import runtime
+from support import runtime
 from arcface.retrieval import extract_embeddings
 from arcface.transforms import MAX_IMAGE_PIXELS
 from tools.common import ImageFiles, LoadedModel, list_images, load_model

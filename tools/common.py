@@ -15,11 +15,10 @@ import argparse
 import hashlib
 import json
 import os
-import sys
 import warnings
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +31,10 @@ from arcface.model import (MMPRETRAIN_FAMILIES, RetrievalModel, build_model, fam
                            load_mmpretrain_retriever)
 from arcface.rerank import KR_K1, KR_K2, KR_LAMBDA, QE_ALPHA, QE_K, RERANK_METHODS, Rerank
 from arcface.transforms import MAX_IMAGE_PIXELS, MEAN_RGB, STD_RGB, check_max_pixels, load_image, test_transform
-from config import Config
-from snapshot import SnapshotError, atomic_output, load_snapshot
+from support.atomicfile import atomic_output
+from support.config import Config, ConfigError, from_plain
+from support.errors import one_line_errors
+from support.snapshot import SnapshotError, read_snapshot
 
 EXPORT_METADATA_FILE = "retrieval.json"  # TorchScript extra file written by tools/export.py
 EXPORT_FORMAT = "arcface-retrieval-embedder"
@@ -176,12 +177,13 @@ def model_from_args(args: argparse.Namespace) -> LoadedModel:
 
 
 def run_cli(main: Callable[[list[str] | None], int]) -> int:
-    """Runs a tool's main; bad input ends with one `error: ...` line and exit status 1."""
+    """Runs a tool's main behind the project's one error front door (support.errors): bad input,
+    a tool's bad argument (ValueError), a missing optional package (ImportError) and a mismatched
+    index end with one `error: ...` line; returns the exit status."""
     try:
-        return main(None)
-    except (OSError, ValueError, ImportError, SnapshotError, IndexMismatch) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        return one_line_errors(main, also=(ValueError, ImportError, IndexMismatch))(None)
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else 1
 
 
 class IndexMismatch(RuntimeError):
@@ -225,39 +227,37 @@ def is_torchscript(path: Path) -> bool:
 
 def load_training_snapshot(path: Path, resize: int | None = None, crop: int | None = None) -> LoadedModel:
     try:
-        snapshot = load_snapshot(path)
+        snapshot = read_snapshot(path)
     except SnapshotError as error:
         raise SnapshotError(
             f"{error}. Expected a training snapshot or a TorchScript export; for an mmpretrain "
             "checkpoint use --mmpretrain FILE --arch ARCH --num_classes N"
         ) from None
-    cfg = training_config(snapshot["config"], path)
+    cfg = training_config(snapshot.config, path)
     preprocess = Preprocess(resize or cfg.resize, crop or cfg.crop)
     # The ArcFace scale and margins only shape training logits: embeddings do not depend on them.
     # A ViT is built for the crop it will see; its position embeddings, made for the training
     # crop, are interpolated when --crop asks for another.
-    model = build_model(num_classes=snapshot["num_classes"], arch=cfg.arch, pooling=cfg.pooling,
+    model = build_model(num_classes=snapshot.num_classes, arch=cfg.arch, pooling=cfg.pooling,
                         embedding_dim=cfg.embedding_dim or None, sub_centers=cfg.sub_centers,
                         image_size=preprocess.crop)
     prefix = "backbone."
     state = {key: fit_position_embedding(model.backbone, key.removeprefix(prefix), tensor, str(path))
-             if key.startswith(prefix) else tensor for key, tensor in snapshot["model"].items()}
+             if key.startswith(prefix) else tensor for key, tensor in snapshot.model.items()}
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
         raise SnapshotError(f"{path}: the weights do not fit the model its config describes: {error}") from None
     embedder = Embedder(model).eval()
     return LoadedModel(embedder, preprocess, fingerprint(embedder.state_dict(), preprocess),
-                       f"snapshot {path} (epoch {snapshot['epochs_run']})", snapshot["config"])
+                       f"snapshot {path} (epoch {snapshot.epochs_run})", snapshot.config)
 
 
 def training_config(values: dict[str, Any], path: Path) -> Config:
     """A snapshot's config dict -> Config; fields this version does not know are left out."""
-    known = {f.name for f in fields(Config)}
-    kept = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in known}
     try:
-        return Config(**kept)
-    except ValueError as error:
+        return from_plain(values, unknown="skip")
+    except ConfigError as error:
         raise SnapshotError(f"{path}: its config is not valid here: {error}") from None
 
 

@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 import torch
 import torch.distributed as dist
 
-import runtime
+from support import runtime
 from arcface.retrieval import evaluate_retrieval
 from arcface.inshop import InShop
 from arcface.rerank import Rerank

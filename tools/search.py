@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-import runtime
+from support import runtime
 from arcface.rerank import rerank_top_k
 from arcface.retrieval import extract_embeddings
 from arcface.transforms import MAX_IMAGE_PIXELS

@@ -22,13 +22,13 @@ if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-import config
+from support.config import from_plain, load_toml
 from arcface.textfile import read_text
 from arcface.transforms import MAX_IMAGE_PIXELS, load_image
-from job import lr_schedule
+from support.schedule import lr_schedule
+from support.snapshot import SnapshotError, read_snapshot
 from tools.common import add_max_pixels_arg, atomic_output, check_max_pixels_arg, run_cli
 
 # Grid geometry in pixels. A cell is a thumbnail inside a border, with two caption lines below it.
@@ -281,7 +281,7 @@ def step_learning_rates(metrics_path: str | Path, records: list[dict[str, Any]])
     """(epoch, lr) of every optimizer step up to the last logged epoch; ValueError saying why not.
 
     metrics.jsonl logs only the lr of each epoch's last step, which hides the warm-up. The rest is
-    recomputed with the trainer's own schedule (job.lr_schedule) from the run's config.toml
+    recomputed with the trainer's own schedule (support.schedule.lr_schedule) from the run's config.toml
     and the steps per epoch its snapshot records. The base lr scales with the number of processes
     the run had, which the run directory does not record, so it is solved from a logged value
     (the schedule is linear in base lr and min_lr); every other logged value must then agree.
@@ -296,14 +296,11 @@ def step_learning_rates(metrics_path: str | Path, records: list[dict[str, Any]])
     config_file = run_dir / "config.toml"
     if not config_file.is_file():
         raise ValueError(f"{config_file}: not found (a run writes it next to metrics.jsonl)")
-    cfg = config.Config(**config.load_toml(config_file))
-    snapshot_file = Path(cfg.snapshot) if cfg.snapshot else run_dir / "snapshot.pt"
+    cfg = from_plain(load_toml(config_file), f"{config_file}: ")
     try:
-        # mmap: only the one number is read, the weights stay on disk.
-        snapshot = torch.load(snapshot_file, map_location="cpu", weights_only=True, mmap=True)
-        steps = int(snapshot["steps_per_epoch"])
-    except Exception as error:  # missing, truncated or foreign: each means the same here
-        raise ValueError(f"{snapshot_file}: no steps_per_epoch to read ({type(error).__name__})") from None
+        steps = read_snapshot(cfg.snapshot_path, mmap=True).steps_per_epoch  # mmap: the weights stay on disk
+    except SnapshotError as error:
+        raise ValueError(f"{error} (its steps per epoch place the lr of every step)") from None
     epochs = max(epoch for epoch, _ in logged)
     if steps < 1 or epochs > cfg.total_epochs:
         raise ValueError(f"{config_file}: total_epochs {cfg.total_epochs} and {steps} steps per epoch "

@@ -7,11 +7,10 @@ does the once-per-job work (snapshots, logs, metrics); LOCAL_RANK only picks the
 
 from __future__ import annotations
 
-import functools
 import multiprocessing
 import multiprocessing.util
 import os
-import re
+import pickle
 import signal
 import socket
 import sys
@@ -24,62 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from arcface.textfile import DataError
-
-
-class UserError(Exception):
-    """Bad input, or a run the user must act on: reported in one line, never with a traceback.
-
-    Configuration errors (exit status 2), unusable snapshots, a run directory in use, data
-    errors and divergence derive from it; a traceback is left for bugs.
-    """
-
-    exit_status = 1
-
-
-_Main = TypeVar("_Main", bound=Callable[..., Any])
-
-
-def one_line_errors(main: _Main) -> _Main:
-    """Wraps a launcher's main: a UserError, a DataError (a bad input file), a file-system error
-    or a failed collective ends the process with `error: <one line>` (naming the rank when there
-    are several) and exit status 1 (2 for configuration errors), instead of a traceback."""
-    @functools.wraps(main)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return main(*args, **kwargs)
-        except (UserError, DataError, OSError, RuntimeError) as error:
-            if isinstance(error, RuntimeError) and not isinstance(error, UserError) and not collective_failed(error):
-                raise  # a bug: its traceback is wanted
-            rank = f"[rank {global_rank()}] " if world_size() > 1 else ""
-            print(f"error: {rank}{user_message(error)}", file=sys.stderr, flush=True)
-            sys.exit(getattr(error, "exit_status", 1))
-    return run  # type: ignore[return-value]
-
-
-# How gloo and NCCL word a peer that stopped answering, when DDP's reducer raises a plain RuntimeError.
-_COLLECTIVE_FAILURES = ("third_party/gloo", "NCCL", "Timed out waiting", "Connection closed by peer",
-                        "Connection reset by peer")
-
-
-def collective_failed(error: BaseException) -> bool:
-    return isinstance(error, dist.DistError) or any(marker in str(error) for marker in _COLLECTIVE_FAILURES)
-
-
-def user_message(error: BaseException) -> str:
-    """The error's own line. An error raised in a DataLoader worker arrives with the worker's
-    traceback folded into its message; its last line is the original message."""
-    text = str(error).strip()
-    if "Original Traceback" in text:
-        last = text.splitlines()[-1]
-        text = last.split(": ", 1)[1] if ": " in last else last
-    if not isinstance(error, UserError) and collective_failed(error):
-        first = text.splitlines()[0] if text else type(error).__name__
-        first = re.sub(r"^\[[^\]]*\] ", "", first)  # the backend's source location
-        return (f"a collective operation failed ({first}): another process of the job stopped, "
-                f"died or is stuck; collective_timeout_s bounds the wait")
-    lines = text.splitlines()
-    return lines[0] if lines else type(error).__name__
+_T = TypeVar("_T")
 
 
 def is_distributed() -> bool:
@@ -101,6 +45,63 @@ def local_rank() -> int:
 
 def is_main_process() -> bool:
     return global_rank() == 0
+
+
+def one_rank_decides(decide: Callable[[], _T], errors: type[BaseException] | tuple[type[BaseException], ...],
+                     device: torch.device, src: int = 0) -> _T:
+    """`decide()` on rank `src`, its result on every rank (a collective in a process group).
+
+    When it raises one of `errors`, every rank raises that error, instead of the others waiting
+    forever for a result that never comes.
+    """
+    if world_size() == 1:
+        return decide()
+    box: list[Any] = [None]
+    failure: BaseException | None = None
+    if global_rank() == src:
+        try:
+            box[0] = decide()
+        except errors as raised:
+            failure = raised
+            box[0] = _Failure(raised)
+    dist.broadcast_object_list(box, src=src, device=device if device.type == "cuda" else None)
+    if failure is not None:
+        raise failure
+    if isinstance(box[0], _Failure):
+        raise box[0].error()
+    return box[0]
+
+
+def all_gather_outcomes(compute: Callable[[], _T], errors: type[BaseException] | tuple[type[BaseException], ...]) -> list[_T]:
+    """Every rank's `compute()`, on every rank, in rank order (a collective in a process group).
+    When any rank's raises one of `errors`, every rank raises the first such error."""
+    try:
+        outcome: Any = compute()
+    except errors as raised:
+        outcome = _Failure(raised)
+    outcomes: list[Any] = [outcome]
+    if world_size() > 1:
+        outcomes = [None] * world_size()
+        dist.all_gather_object(outcomes, outcome)
+    failed = next((o for o in outcomes if isinstance(o, _Failure)), None)
+    if failed is not None:
+        raise failed.error()
+    return outcomes
+
+
+class _Failure:
+    """An exception as it travels to the other ranks: itself when it pickles, else its text."""
+
+    def __init__(self, error: BaseException) -> None:
+        try:
+            pickle.loads(pickle.dumps(error))
+            self._error: BaseException | None = error
+        except Exception:
+            self._error = None
+        self._text = f"{type(error).__name__}: {error}"
+
+    def error(self) -> BaseException:
+        return self._error if self._error is not None else RuntimeError(self._text)
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -266,6 +267,6 @@ def apply_slurm_env() -> None:
     """srun-only launch (one task per device, no torchrun): take rank and world size from Slurm."""
     if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
         return
-    from slurm_env import torch_env_from_slurm
+    from support.slurm_env import torch_env_from_slurm
 
     os.environ.update(torch_env_from_slurm(os.environ))

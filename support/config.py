@@ -24,10 +24,9 @@ from typing import Any, Iterable, Sequence
 from arcface.head import check_margin
 from arcface.metrics import AP_MODES
 from arcface.model import FAMILY_LIST, POOLINGS, check_backbone
-from arcface.transforms import MAX_IMAGE_PIXELS, check_sizes
-from runtime import UserError
-
 from arcface.textfile import DataError, read_text
+from arcface.transforms import MAX_IMAGE_PIXELS, check_sizes
+from support.errors import UserError
 
 
 class ConfigError(UserError, ValueError):
@@ -36,15 +35,28 @@ class ConfigError(UserError, ValueError):
     exit_status = 2  # argparse's status for a bad command line
 
 
-def _setting(default: Any, help: str, section: str | None = None, metavar: str | None = None) -> Any:
-    """A Config field with its `--help` text; `section` starts a new group of the help there;
-    `metavar` names the value in the help (default: INT, FLOAT, STR)."""
-    metadata = {"help": help}
-    if section is not None:
-        metadata["section"] = section
-    if metavar is not None:
-        metadata["metavar"] = metavar
-    return field(default=default, metadata=metadata)
+def _setting(default: Any, help: str, section: str | None = None, metavar: str | None = None, *,
+             resumable: bool = False, identity: bool = False, path: str | None = None,
+             choices: Sequence[str] | None = None, above: float | None = None,
+             at_least: float | None = None, at_most: float | None = None) -> Any:
+    """A Config field with every fact about it, so that adding a field is one line here.
+
+    help: its `--help` text; `section` starts a new group of the help there; `metavar` names the
+    value in the help (default: INT, FLOAT, STR).
+    resumable: a resumed run may change it (how long the run is, how often it saves, evaluates
+      and logs, where its files are, how fast it computes). Any other field shapes the training
+      itself: a change on resume would make config.toml describe a run that never happened.
+    identity: it decides what a run is; a snapshot made with another value belongs to another run.
+    path: "folder" (written to; never ""), "input" (read; "" means none) or "output" (a file
+      written; "" means the default); paths are compared by the file they name, not their spelling.
+    choices, above (> x), at_least (>= x), at_most (<= x): the values it accepts.
+    """
+    facts = {"help": help, "section": section, "metavar": metavar, "resumable": resumable,
+             "identity": identity, "path": path, "choices": choices,
+             "above": above, "at_least": at_least, "at_most": at_most}
+    if path not in (None, "folder", "input", "output"):
+        raise ValueError(f"_setting: path must be folder, input or output, got {path!r}")
+    return field(default=default, metadata={k: v for k, v in facts.items() if v is not None and v is not False})
 
 
 @dataclass(frozen=True)
@@ -55,82 +67,107 @@ class Config:
     that names a `section` opens that group of the help (and of this class).
     """
 
-    total_epochs: int = _setting(6, "epochs to train", section="run length and outputs")
-    save_every: int = _setting(1, "snapshot every N epochs (and always at the end)")
-    eval_every: int = _setting(3, "evaluate every N epochs (and always before training and at the end)")
-    out_dir: str = _setting("runs/demo", "folder of the run: config.toml, metrics.jsonl, the snapshot")
-    snapshot: str = _setting("", 'snapshot file; "" means <out_dir>/snapshot.pt')
-    seed: int = _setting(0, "seed of the initial weights, the shuffling and the augmentation")
-    log_every: int = _setting(10, "optimizer steps between progress-bar updates")
+    total_epochs: int = _setting(6, "epochs to train", section="run length and outputs",
+                                 resumable=True, above=0, at_most=100_000)
+    save_every: int = _setting(1, "snapshot every N epochs (and always at the end)",
+                               resumable=True, above=0, at_most=100_000)
+    eval_every: int = _setting(3, "evaluate every N epochs (and always before training and at the end)",
+                               resumable=True, above=0, at_most=100_000)
+    out_dir: str = _setting("runs/demo", "folder of the run: config.toml, metrics.jsonl, the snapshot",
+                            resumable=True, path="folder")
+    snapshot: str = _setting("", 'snapshot file; "" means <out_dir>/snapshot.pt', resumable=True, path="output")
+    # Seeds stay within 32 bits: every generator takes them, with room for the per-epoch and
+    # per-sample seeds derived from them.
+    seed: int = _setting(0, "seed of the initial weights, the shuffling and the augmentation",
+                         at_least=0, at_most=2**32 - 1)
+    log_every: int = _setting(10, "optimizer steps between progress-bar updates",
+                              resumable=True, above=0, at_most=1_000_000)
     tensorboard: bool = _setting(False, "also write metrics.jsonl's scalars as TensorBoard events in "
-                                 "<out_dir>/tensorboard (needs: pip install tensorboard)")
+                                 "<out_dir>/tensorboard (needs: pip install tensorboard)", resumable=True)
 
     data_root: str = _setting("", 'In-Shop root (Eval/ and Img/); "" trains on the synthetic set',
-                              section="data")
-    synthetic_dir: str = _setting(".cache/synthetic", "where the synthetic set is generated once")
-    synthetic_items: int = _setting(300, "items (identities) of the synthetic set")
-    synthetic_views: int = _setting(12, "images of each synthetic item (at least 3)")
-    synthetic_size: int = _setting(64, "side of the generated JPEGs")
-    synthetic_seed: int = _setting(0, "seed of the synthetic set")
-    resize: int = _setting(72, "images are resized to resize x resize, then cropped")
+                              section="data", identity=True, path="input")
+    synthetic_dir: str = _setting(".cache/synthetic", "where the synthetic set is generated once",
+                                  resumable=True, path="folder")
+    synthetic_items: int = _setting(300, "items (identities) of the synthetic set",
+                                    identity=True, above=0, at_most=100_000)
+    synthetic_views: int = _setting(12, "images of each synthetic item (at least 3)",
+                                    identity=True, above=0, at_most=1_000)
+    synthetic_size: int = _setting(64, "side of the generated JPEGs", identity=True, above=0, at_most=8192)
+    synthetic_seed: int = _setting(0, "seed of the synthetic set", identity=True, at_least=0, at_most=2**32 - 1)
+    resize: int = _setting(72, "images are resized to resize x resize, then cropped", above=0, at_most=8192)
     crop: int = _setting(64, "side of the square crop (random in training, centred in evaluation); <= resize; "
-                         "a ViT's patch size must divide it, ConvNeXt needs >= 32")
-    batch_size: int = _setting(32, "training images per process and step, as in the tutorial")
-    eval_batch_size: int = _setting(128, "evaluation images per process and batch")
-    num_workers: int = _setting(1, "loader processes per training process")
+                         "a ViT's patch size must divide it, ConvNeXt needs >= 32", above=0, at_most=8192)
+    batch_size: int = _setting(32, "training images per process and step, as in the tutorial",
+                               resumable=True, above=0, at_most=65_536)
+    eval_batch_size: int = _setting(128, "evaluation images per process and batch",
+                                    resumable=True, above=0, at_most=65_536)
+    num_workers: int = _setting(1, "loader processes per training process", resumable=True, at_least=0, at_most=256)
     max_image_pixels: int = _setting(MAX_IMAGE_PIXELS, "images whose header claims more pixels are refused before "
-                                     "decoding (decompression bombs); raise it for huge images")
+                                     "decoding (decompression bombs); raise it for huge images",
+                                     resumable=True, above=0)
 
     arch: str = _setting("resnet18", f"backbone: a torchvision {FAMILY_LIST} model by its "
                          "torchvision name, e.g. resnet50, convnext_tiny, efficientnet_b0, vit_b_16; python -c 'import "
-                         "arcface.model as m; print(*m.ARCHS)' lists them", section="model", metavar="ARCH")
+                         "arcface.model as m; print(*m.ARCHS)' lists them", section="model", metavar="ARCH",
+                         identity=True)
     pretrained: str = _setting("", '"", "imagenet" (torchvision\'s DEFAULT weights of the arch) or a local '
-                               'checkpoint path')
+                               'checkpoint path', path="input")
     pooling: str = _setting("avg", "average or generalised-mean (GeM, learnable p) pooling of the backbone's "
-                            "feature map; a ViT has none and embeds with its class token: avg only")
-    embedding_dim: int = _setting(0, "0 keeps the pooled feature as the embedding (the reference)")
-    scale: float = _setting(64.0, "ArcFace s, as in the recipe")
-    margin: float = _setting(0.5, "ArcFace m, radians, as in the recipe")
-    margin_file: str = _setting("", "one margin per class, one per line; overrides margin")
-    sub_centers: int = _setting(1, "ArcFace weight vectors per class (1: plain ArcFace)")
+                            "feature map; a ViT has none and embeds with its class token: avg only",
+                            identity=True, choices=POOLINGS)
+    embedding_dim: int = _setting(0, "0 keeps the pooled feature as the embedding (the reference)",
+                                  identity=True, at_least=0, at_most=65_536)
+    scale: float = _setting(64.0, "ArcFace s, as in the recipe", above=0)
+    margin: float = _setting(0.5, "ArcFace m, radians, as in the recipe", at_least=0)
+    margin_file: str = _setting("", "one margin per class, one per line; overrides margin", path="input")
+    sub_centers: int = _setting(1, "ArcFace weight vectors per class (1: plain ArcFace)",
+                                identity=True, above=0, at_most=64)
     easy_margin: bool = _setting(False, "margin only where cos > 0, instead of the large-angle fallback")
     partial_fc: float = _setting(
         0.0, "0: a dense ArcFace head on every process (DDP). r in (0, 1]: Partial FC, the class "
         "centres sharded over the processes and a fraction r of each shard's negative classes "
-        "scored per step (1 = all of them: the dense head's result)")
+        "scored per step (1 = all of them: the dense head's result)", at_least=0)
 
     # 8x the recipe's 0.02: the demo learns from scratch, in six short epochs.
     lr: float = _setting(0.16, "learning rate for a total batch of lr_batch_size images; scaled linearly "
                          "to the real total batch (batch_size x processes x grad_accum_steps)",
-                         section="optimisation")
-    lr_batch_size: int = _setting(256, "the total batch that lr is given for")
-    momentum: float = _setting(0.9, "SGD momentum")
+                         section="optimisation", above=0)
+    lr_batch_size: int = _setting(256, "the total batch that lr is given for", above=0, at_most=1_048_576)
+    momentum: float = _setting(0.9, "SGD momentum", at_least=0)
     nesterov: bool = _setting(True, "Nesterov momentum")
-    weight_decay: float = _setting(5e-4, "SGD weight decay")
-    warmup_epochs: float = _setting(0.5, "epochs of linear warm-up (fractions allowed)")
-    warmup_factor: float = _setting(0.01, "warm-up starts at warmup_factor * lr")
-    min_lr: float = _setting(0.0, "cosine annealing ends here")
+    weight_decay: float = _setting(5e-4, "SGD weight decay", at_least=0)
+    warmup_epochs: float = _setting(0.5, "epochs of linear warm-up (fractions allowed)", at_least=0)
+    warmup_factor: float = _setting(0.01, "warm-up starts at warmup_factor * lr", at_least=0)
+    min_lr: float = _setting(0.0, "cosine annealing ends here", at_least=0)
     global_batch_size: int = _setting(
         0, "images per optimizer step over all processes; 0 means batch_size x processes x "
         "grad_accum_steps. When set, grad_accum_steps is derived from it, so the data order, the "
-        "schedule and the result do not depend on the number of processes")
+        "schedule and the result do not depend on the number of processes",
+        resumable=True, at_least=0, at_most=1_048_576)
     grad_accum_steps: int = _setting(1, "batches whose gradients add up to one optimizer step "
-                                     "(derived when global_batch_size is set)")
-    clip_grad_norm: float = _setting(0.0, "largest gradient norm; 0 disables clipping")
+                                     "(derived when global_batch_size is set)",
+                                     resumable=True, above=0, at_most=65_536)
+    clip_grad_norm: float = _setting(0.0, "largest gradient norm; 0 disables clipping", at_least=0)
 
-    device: str = _setting("auto", "auto takes cuda, else mps, else cpu", section="hardware and speed")
-    amp: str = _setting("auto", "mixed precision; auto is bf16 on CUDA when supported, else off")
-    channels_last: bool = _setting(False, "channels-last memory format for images and weights")
-    compile: bool = _setting(False, "torch.compile the model")
+    device: str = _setting("auto", "auto takes cuda, else mps, else cpu", section="hardware and speed",
+                           resumable=True, choices=("auto", "cuda", "mps", "cpu"))
+    amp: str = _setting("auto", "mixed precision; auto is bf16 on CUDA when supported, else off",
+                        resumable=True, choices=("auto", "bf16", "fp16", "off"))
+    channels_last: bool = _setting(False, "channels-last memory format for images and weights", resumable=True)
+    compile: bool = _setting(False, "torch.compile the model", resumable=True)
     sync_bn: bool = _setting(False, "SyncBatchNorm across processes (CUDA only)")
+    # At least a second: shorter, a collective fails on scheduling jitter alone.
     collective_timeout_s: float = _setting(
         600.0, "seconds a process waits in a collective for the others before the job stops: a "
-        "frozen or lost process ends the run instead of hanging it")
+        "frozen or lost process ends the run instead of hanging it", resumable=True, at_least=1.0,
+        at_most=7 * 86_400)
 
     recall_at: tuple[int, ...] = _setting((1, 5), "K of each Recall@K (must hold 1: recall@1 picks the best "
-                                          "epoch)", section="evaluation")
-    map_at: tuple[int, ...] = _setting((10,), "K of each mAP@K")
-    ap_mode: str = _setting("IR", '"IR" or "integrate" (mmpretrain\'s two AP definitions)')
+                                          "epoch)", section="evaluation", resumable=True)
+    map_at: tuple[int, ...] = _setting((10,), "K of each mAP@K", resumable=True)
+    ap_mode: str = _setting("IR", '"IR" or "integrate" (mmpretrain\'s two AP definitions)',
+                            resumable=True, choices=AP_MODES)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -140,65 +177,25 @@ class Config:
         return Path(self.snapshot) if self.snapshot else Path(self.out_dir) / "snapshot.pt"
 
 
-# Choices of the code that uses them, so that a new pooling or AP mode needs no edit here. `arch`
-# is checked by arcface.model.check_backbone (its ARCHS, too many to list in an error or the help).
-_CHOICES = {
-    "pooling": POOLINGS,
-    "device": ("auto", "cuda", "mps", "cpu"),
-    "amp": ("auto", "bf16", "fp16", "off"),
-    "ap_mode": AP_MODES,
-}
-_POSITIVE = {
-    "total_epochs", "save_every", "eval_every", "log_every", "synthetic_items", "synthetic_views",
-    "synthetic_size", "resize", "crop", "batch_size", "eval_batch_size", "sub_centers",
-    "lr_batch_size", "grad_accum_steps", "lr", "scale", "max_image_pixels", "collective_timeout_s",
-}
-_NON_NEGATIVE = {
-    "num_workers", "embedding_dim", "global_batch_size", "partial_fc", "margin", "momentum", "weight_decay", "warmup_epochs",
-    "warmup_factor", "min_lr", "clip_grad_norm", "seed", "synthetic_seed",
-}
-# Upper bounds far past any real job (the reference recipe: 50 epochs, 512 px, 32 images per
-# process, 8 processes), so that no run meets them while an extra zero or a wrong unit stops here,
-# naming the key, instead of later in an allocation error that names nothing.
-_AT_MOST = {
-    "total_epochs": 100_000, "save_every": 100_000, "eval_every": 100_000, "log_every": 1_000_000,
-    "synthetic_items": 100_000, "synthetic_views": 1_000, "synthetic_size": 8192,
-    "resize": 8192, "crop": 8192,
-    "batch_size": 65_536, "eval_batch_size": 65_536, "lr_batch_size": 1_048_576, "grad_accum_steps": 65_536,
-    "global_batch_size": 1_048_576,
-    "num_workers": 256, "embedding_dim": 65_536, "sub_centers": 64, "collective_timeout_s": 7 * 86_400,
-    # Seeds stay within 32 bits: every generator takes them, with room for the per-epoch and
-    # per-sample seeds derived from them.
-    "seed": 2**32 - 1, "synthetic_seed": 2**32 - 1,
-}
+def facts(name: str) -> dict[str, Any]:
+    """What the `_setting` of field `name` declares (help, bounds, choices, resume policy...)."""
+    return dict(next(f for f in fields(Config) if f.name == name).metadata)
 
-# Folders the run writes to or generates into: "" would put config.toml, metrics.jsonl and the
-# snapshot (or the synthetic set) straight into the working directory.
-_FOLDERS = ("out_dir", "synthetic_dir")
-# Paths where "" means none; one of only spaces is a slip, not a file name.
-_OPTIONAL_PATHS = ("snapshot", "data_root", "pretrained", "margin_file")
+
+def fields_where(fact: str, value: Any = True) -> tuple[str, ...]:
+    """Names of the Config fields whose `_setting` says `fact` = `value` (path kinds: "folder", ...)."""
+    return tuple(f.name for f in fields(Config) if f.metadata.get(fact) == value)
+
+
+# The tables other modules read, derived from the fields' own declarations.
+RESUMABLE = fields_where("resumable")
+RUN_IDENTITY = fields_where("identity")
+PATH_FIELDS = tuple(f.name for f in fields(Config) if "path" in f.metadata)
 
 
 def _validate(cfg: Config) -> None:
-    for key in _FOLDERS:
-        if not str(getattr(cfg, key)).strip():
-            raise ConfigError(f"{key}: expected a folder path, got {getattr(cfg, key)!r}")
-    for key in _OPTIONAL_PATHS:
-        value = getattr(cfg, key)
-        if value and not str(value).strip():
-            raise ConfigError(f'{key}: expected a path or "" (none), got {value!r}')
     for f in fields(cfg):
-        value = getattr(cfg, f.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{f.name}: expected a finite number, got {value}")
-        if f.name in _POSITIVE and value <= 0:
-            raise ConfigError(f"{f.name}: expected a value > 0, got {value!r}")
-        if f.name in _NON_NEGATIVE and value < 0:
-            raise ConfigError(f"{f.name}: expected a value >= 0, got {value!r}")
-        if f.name in _AT_MOST and value > _AT_MOST[f.name]:
-            raise ConfigError(f"{f.name}: expected a value <= {_AT_MOST[f.name]}, got {value!r}")
-        if f.name in _CHOICES and value not in _CHOICES[f.name]:
-            raise ConfigError(f"{f.name}: expected one of {', '.join(_CHOICES[f.name])}, got {value!r}")
+        _check_field(f, getattr(cfg, f.name))
     try:
         check_sizes(cfg.resize, cfg.crop)
         check_backbone(cfg.arch, cfg.pooling, cfg.crop)  # one line naming arch, pooling or crop
@@ -233,6 +230,29 @@ def _validate(cfg: Config) -> None:
                           f"got {cfg.global_batch_size}")
     if cfg.warmup_epochs > cfg.total_epochs:
         raise ConfigError(f"warmup_epochs: expected at most total_epochs ({cfg.total_epochs}), got {cfg.warmup_epochs}")
+
+
+# Upper bounds (at_most) lie far past any real job (the reference recipe: 50 epochs, 512 px, 32
+# images per process, 8 processes), so that no run meets them while an extra zero or a wrong unit
+# stops here, naming the key, instead of later in an allocation error that names nothing.
+def _check_field(f: Field, value: Any) -> None:
+    """One field's own rules, from its `_setting`: path, finite, bounds and choices."""
+    facts, name = f.metadata, f.name
+    if facts.get("path") == "folder" and not str(value).strip():
+        # "" would put config.toml, metrics.jsonl and the snapshot into the working directory.
+        raise ConfigError(f"{name}: expected a folder path, got {value!r}")
+    if facts.get("path") in ("input", "output") and value and not str(value).strip():
+        raise ConfigError(f'{name}: expected a path or "" (none), got {value!r}')  # spaces: a slip
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name}: expected a finite number, got {value}")
+    if "above" in facts and value <= facts["above"]:
+        raise ConfigError(f"{name}: expected a value > {facts['above']:g}, got {value!r}")
+    if "at_least" in facts and value < facts["at_least"]:
+        raise ConfigError(f"{name}: expected a value >= {facts['at_least']:g}, got {value!r}")
+    if "at_most" in facts and value > facts["at_most"]:
+        raise ConfigError(f"{name}: expected a value <= {facts['at_most']}, got {value!r}")
+    if "choices" in facts and value not in facts["choices"]:
+        raise ConfigError(f"{name}: expected one of {', '.join(facts['choices'])}, got {value!r}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -315,34 +335,64 @@ def _type_name(kind: type) -> str:
     )
 
 
-def load_toml(path: str | Path) -> dict[str, Any]:
-    """Reads a flat TOML file of Config fields; unknown keys and wrong types name the file and key."""
-    path = Path(path)
-    try:
-        # Decoded here rather than by tomllib, so that a byte that is not UTF-8 is reported with
-        # its line; tomllib's own message would name neither.
-        raw = tomllib.loads(read_text(path))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except DataError as e:
-        raise ConfigError(str(e)) from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+def to_plain(cfg: Config) -> dict[str, Any]:
+    """The configuration as plain data (lists for tuples): what TOML, snapshots and tools hold."""
+    return {f.name: list(value) if isinstance(value := getattr(cfg, f.name), tuple) else value
+            for f in fields(cfg)}
+
+
+def plain_values(raw: dict[str, Any], where: str = "", unknown: str = "refuse") -> dict[str, Any]:
+    """Plain data (a TOML table, a snapshot's config) -> typed field values, checked key by key;
+    errors start with `where`. unknown="refuse" names a key that is not a field (with a close
+    name when there is one); "skip" leaves it out (a snapshot of a later version)."""
     known = set(_field_types())
     values = {}
     for key, value in raw.items():
         if key not in known:
-            raise ConfigError(f"{path}: unknown key {key!r}{_did_you_mean(key, known)}")
-        values[key] = _coerce(key, value, f"{path}: ")
+            if unknown == "skip":
+                continue
+            raise ConfigError(f"{where}unknown key {key!r}{_did_you_mean(key, known)}")
+        values[key] = _coerce(key, value, where)
     return values
+
+
+def from_plain(raw: dict[str, Any], where: str = "", unknown: str = "refuse") -> Config:
+    """`to_plain`'s inverse: a Config from plain data, every value checked."""
+    values = plain_values(raw, where, unknown)
+    try:
+        return Config(**values)
+    except ConfigError as error:
+        raise ConfigError(f"{where}{error}") from None
+
+
+# A config file is a few kilobytes; a larger "file" is a mistake (a device, a data file).
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Reads a flat TOML file of Config fields; unknown keys and wrong types name the file and key."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: config file not found")
+    if not path.is_file():
+        raise ConfigError(f"{path}: expected a TOML file, got a {'folder' if path.is_dir() else 'special file'}")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {path.stat().st_size} bytes is not a config file "
+                          f"(expected a TOML file of at most {MAX_CONFIG_BYTES} bytes)")
+    try:
+        # Decoded here rather than by tomllib, so that a byte that is not UTF-8 is reported with
+        # its line; tomllib's own message would name neither.
+        raw = tomllib.loads(read_text(path))
+    except (DataError, OSError) as e:
+        raise ConfigError(str(e)) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return plain_values(raw, f"{path}: ")
 
 
 def dump_toml(cfg: Config) -> str:
     """The resolved configuration as TOML that `load_toml` reads back to the same Config."""
-    lines = []
-    for f in fields(cfg):
-        lines.append(f"{f.name} = {_toml_value(getattr(cfg, f.name))}")
-    return "\n".join(lines) + "\n"
+    return "".join(f"{key} = {_toml_value(value)}\n" for key, value in to_plain(cfg).items())
 
 
 def _toml_value(value: Any) -> str:
@@ -450,8 +500,8 @@ def _add_field_flags(group: argparse._ActionsContainer, f: Field, kind: type, de
     if kind is bool:
         # An optional value keeps `--nesterov false`, which configs and docs use, working.
         shown.update(nargs="?", const=True, type=_parse_bool, metavar="{true,false}")
-    elif f.name in _CHOICES:
-        shown.update(choices=_CHOICES[f.name])
+    elif "choices" in f.metadata:
+        shown.update(choices=f.metadata["choices"])
     elif kind in _METAVARS:
         shown.update(type=kind, metavar=f.metadata.get("metavar", _METAVARS[kind]))
     else:  # tuple[int, ...]
