@@ -55,6 +55,8 @@ if __name__ == "__main__":
     parser.add_argument("--nprocs", type=int, default=torch.cuda.device_count() or 2,
                         help="processes to start (default: one per GPU, or 2 on a CPU)")
     args = parser.parse_args()
+    if args.nprocs < 1:
+        parser.error(f"--nprocs: expected at least 1 process, got {args.nprocs}")
     cfg = config_or_exit(parser, args)
     context = mp.spawn(main, args=(args.nprocs, runtime.free_port(), cfg), nprocs=args.nprocs, join=False)
     sys.exit(runtime.join_forwarding_signals(context))

@@ -25,7 +25,7 @@ from arcface.partial_fc import (  # the same for a dense and a sharded head
     clip_grad_norm_,
     ddp_ignore_shards,
 )
-from arcface.retrieval import evaluate_loaders, prepare_eval_loader
+from arcface.retrieval import NonFiniteEmbeddings, evaluate_loaders, prepare_eval_loader
 from support import runtime
 from support.config import Config, dump_toml
 from support.errors import UserError
@@ -293,11 +293,14 @@ class Trainer:
         start = time.perf_counter()
         self._share_rank0_buffers()
         self._check_weights_finite()  # NaN embeddings would end the run in the metrics, naming no epoch
-        metrics = evaluate_loaders(
-            self.raw_model.embed, self.query_loader, self.gallery_loader, device=self.device,
-            recall_at=cfg.recall_at, map_at=cfg.map_at, ap_mode=cfg.ap_mode,
-            autocast_dtype=self.amp_dtype, channels_last=cfg.channels_last, progress=self.is_main,
-        )
+        try:
+            metrics = evaluate_loaders(
+                self.raw_model.embed, self.query_loader, self.gallery_loader, device=self.device,
+                recall_at=cfg.recall_at, map_at=cfg.map_at, ap_mode=cfg.ap_mode,
+                autocast_dtype=self.amp_dtype, channels_last=cfg.channels_last, progress=self.is_main,
+            )
+        except NonFiniteEmbeddings as bad:  # finite weights can still embed to NaN (e.g. BatchNorm on flat images)
+            self._diverged(f"embeddings at evaluation ({bad})")
         record = {"epoch": epoch, **{k: v for k, v in metrics.items() if "@" in k},
                   "seconds": time.perf_counter() - start}
         if not self.best or record["recall@1"] > self.best["recall@1"]:
@@ -345,8 +348,7 @@ class Trainer:
         if stale:
             self._say(f"removed {len(stale)} temporary file(s) of interrupted writes: {', '.join(p.name for p in stale)}")
         if changes:
-            self.run_dir.record_resume({"epochs_run": self.epochs_run, "step_in_epoch": self.step_in_epoch,
-                                        "changed": {k: list(v) for k, v in changes.items()}})
+            self.run_dir.record_resume(self.epochs_run, self.step_in_epoch, changes)
             self._say("resumed with " + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items()))
         self.run_dir.start(dump_toml(self.cfg), self.history)
 

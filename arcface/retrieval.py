@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from arcface.metrics import retrieval_metrics
 from arcface.rerank import Rerank, reranked_metrics
+from support import runtime
 
 
 class _WithIndex(Dataset):
@@ -54,7 +55,7 @@ def prepare_eval_loader(
     return DataLoader(
         indexed,
         batch_size=batch_size,
-        sampler=DistributedSampler(indexed, shuffle=False) if _is_distributed() else None,
+        sampler=DistributedSampler(indexed, shuffle=False) if runtime.is_distributed() else None,
         shuffle=False,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
@@ -84,9 +85,9 @@ def embed_loader(
         )
     if len(loader.dataset) == 0:
         raise ValueError("embed_loader: the data set is empty; expected at least one item")
-    batches = tqdm(loader, desc="embedding", unit="batch", disable=not (progress and _is_main_process()))
+    batches = tqdm(loader, desc="embedding", unit="batch", disable=not (progress and runtime.is_main_process()))
     embeddings, indices = _embed_batches(model, batches, device, autocast_dtype, channels_last)
-    if _is_distributed():
+    if runtime.is_distributed():
         embeddings = _all_gather(embeddings, device)
         indices = _all_gather(indices, device)
     return _place_by_index(embeddings.cpu(), indices.cpu(), len(loader.dataset))
@@ -155,6 +156,10 @@ def evaluate_loaders(
         return embed_loader(model, loader, device, autocast_dtype, channels_last, progress)
 
     query, gallery = embed(query_loader), embed(gallery_loader)
+    for name, embeddings in (("query", query), ("gallery", gallery)):
+        if not torch.isfinite(embeddings).all():  # the same gathered embeddings: every rank raises
+            bad = int((~torch.isfinite(embeddings)).any(dim=1).sum())
+            raise NonFiniteEmbeddings(f"{bad} of {len(embeddings)} {name} embeddings hold NaN or infinite values")
     query_labels = dataset_labels(query_loader.dataset.dataset)
     gallery_labels = dataset_labels(gallery_loader.dataset.dataset)
 
@@ -170,12 +175,15 @@ def evaluate_loaders(
             recall_at=recall_at, map_at=map_at, ap_mode=ap_mode,
         )
 
-    if not _is_distributed():
-        return compute()
     # Every rank holds the same embeddings, but the ranking costs O(Q x G x D) (In-Shop:
     # ~0.7 TFLOP). Doing it once on rank 0 and broadcasting the small dict keeps the other ranks
-    # off the node's shared CPU cores and memory and guarantees identical numbers everywhere.
-    return _on_main_process_then_broadcast(compute, device)
+    # off the node's shared CPU cores and memory and guarantees identical numbers everywhere; a
+    # failure there reaches every rank instead of leaving them waiting.
+    return runtime.one_rank_decides(compute, Exception, device)
+
+
+class NonFiniteEmbeddings(ValueError):
+    """Embeddings with NaN or infinite values: the model has diverged (or its input is degenerate)."""
 
 
 def dataset_labels(dataset: Dataset) -> Tensor:
@@ -244,26 +252,6 @@ def _all_gather(tensor: Tensor, device: torch.device) -> Tensor:
     return torch.cat(parts)
 
 
-def _on_main_process_then_broadcast(
-    compute: Callable[[], dict[str, float]], device: torch.device
-) -> dict[str, float]:
-    # A failure on rank 0 is broadcast too: the other ranks raise instead of waiting forever.
-    payload: list[object] = [None]
-    error: Exception | None = None
-    if dist.get_rank() == 0:
-        try:
-            payload[0] = compute()
-        except Exception as raised:  # re-raised below, after the other ranks are told
-            error = raised
-            payload[0] = f"{type(raised).__name__}: {raised}"
-    dist.broadcast_object_list(payload, src=0, device=_collective_device(device))
-    if error is not None:
-        raise error
-    if isinstance(payload[0], str):
-        raise RuntimeError(f"retrieval metrics failed on rank 0: {payload[0]}")
-    return payload[0]
-
-
 def _collective_device(device: torch.device) -> torch.device:
     # nccl only moves CUDA tensors; gloo (the CPU backend) wants CPU tensors.
     if dist.get_backend() != "nccl":
@@ -301,10 +289,3 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abs
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
 
-
-def _is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _is_main_process() -> bool:
-    return not _is_distributed() or dist.get_rank() == 0

@@ -58,6 +58,7 @@ from support.config import Config  # noqa: E402
 from job import make_optimizer  # noqa: E402
 from support.schedule import make_schedule  # noqa: E402
 from support.atomicfile import atomic_write_text  # noqa: E402
+from support.snapshot import read_snapshot  # noqa: E402
 from trainer import Trainer  # noqa: E402
 
 NUM_CLASSES = 3997  # In-Shop training items
@@ -229,10 +230,10 @@ def metrics_checks(records: list[dict[str, Any]], resumed_output: str, epochs: i
 
 
 def snapshot_reloads(path: Path, expected_epochs: int) -> bool:
-    snapshot = torch.load(path, map_location="cpu", weights_only=True)
-    model = build_model(snapshot["num_classes"], arch=snapshot["config"]["arch"])
-    model.load_state_dict(snapshot["model"], strict=True)
-    return snapshot["epochs_run"] == expected_epochs
+    snapshot = read_snapshot(path)
+    model = build_model(snapshot.num_classes, arch=snapshot.config["arch"])
+    model.load_state_dict(snapshot.model, strict=True)
+    return snapshot.epochs_run == expected_epochs
 
 
 # ------------------------------------------------------------------------------------------

@@ -52,9 +52,9 @@ def one_line_errors(main: _Main | None = None, *, also: tuple[type[BaseException
                 print(f"{rank_tag()}interrupted", file=sys.stderr, flush=True)
                 sys.exit(128 + signal.SIGINT)
             except (UserError, DataError, OSError, RuntimeError, *also) as error:
-                if (isinstance(error, RuntimeError) and not isinstance(error, (UserError, *also))
+                if (isinstance(error, RuntimeError) and not isinstance(error, (UserError, DataError, OSError, *also))
                         and not collective_failed(error)):
-                    raise  # a bug: its traceback is wanted
+                    raise  # a plain RuntimeError is a bug: its traceback is wanted
                 print(f"error: {rank_tag()}{user_message(error)}", file=sys.stderr, flush=True)
                 sys.exit(getattr(error, "exit_status", 1))
         return run  # type: ignore[return-value]

@@ -135,8 +135,10 @@ class RunDir:
                     self._events.add_scalar(f"{group}/{key}", value, record["epoch"])
             self._events.flush()
 
-    def record_resume(self, record: dict[str, Any]) -> None:
+    def record_resume(self, epochs_run: int, step_in_epoch: int, changes: dict[str, tuple[Any, Any]]) -> None:
         """resumes.jsonl: which settings a resume changed, so config.toml's history is not lost."""
+        record = {"epochs_run": epochs_run, "step_in_epoch": step_in_epoch,
+                  "changed": {key: list(values) for key, values in changes.items()}}
         with open(self.path / RESUMES_FILE, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 

@@ -148,12 +148,15 @@ def free_port() -> int:
 
 # Preemption asks a job to stop with these (Slurm: USR1 before the time limit, TERM on scancel or
 # preemption; torchrun forwards TERM): the Trainer then stops after a snapshot.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# Ctrl-C (SIGINT) asks the same of a person at the terminal; a second Ctrl-C stops at once.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class StopSignals:
     """Records the first stop signal (Slurm sends SIGUSR1 or SIGTERM before the time limit,
-    torchrun forwards SIGTERM) so that training stops after the current step instead of dying."""
+    torchrun forwards SIGTERM, a person presses Ctrl-C) so that training stops after the current
+    step, with a snapshot, instead of dying. A second Ctrl-C while that stop is pending raises
+    KeyboardInterrupt: the person wants out now (errors.one_line_errors ends it with status 130)."""
 
     def __init__(self, rank: int = 0) -> None:
         self.rank = rank
@@ -174,8 +177,11 @@ class StopSignals:
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self.signal is None:
             self.signal = signum
-            print(f"[rank {self.rank}] {signal.Signals(signum).name} received: stopping after the current step",
-                  file=sys.stderr, flush=True)
+            again = "; Ctrl-C again stops at once, without one" if signum == signal.SIGINT else ""
+            print(f"[rank {self.rank}] {signal.Signals(signum).name} received: stopping after the current step "
+                  f"with a snapshot{again}", file=sys.stderr, flush=True)
+        elif signum == signal.SIGINT and self.signal == signal.SIGINT:
+            raise KeyboardInterrupt
 
 
 def ignore_stop_signals(worker_id: int) -> None:
@@ -222,14 +228,19 @@ def join_forwarding_signals(context: mp.ProcessContext) -> int:
     SIGTERM and SIGUSR1 sent to the launcher are passed on to every worker, whose Trainer then
     stops after a snapshot. Left alone, the launcher would die and its workers would get SIGINT
     (mp.spawn's parent-death signal) and stop without one. A worker's exit status, such as
-    128 + signal after a graceful stop, becomes the launcher's.
+    128 + signal after a graceful stop, becomes the launcher's. Ctrl-C is not passed on: the
+    terminal sends it to every process of the job already, and a second copy would read as a
+    second Ctrl-C (stop at once).
     """
     def forward(signum: int, frame: object) -> None:
         for process in context.processes:
             if process.is_alive():
                 os.kill(process.pid, signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}
+    def wait_for_workers(signum: int, frame: object) -> None:
+        pass
+
+    previous = {sig: signal.signal(sig, wait_for_workers if sig == signal.SIGINT else forward) for sig in STOP_SIGNALS}
     try:
         while not context.join():
             pass

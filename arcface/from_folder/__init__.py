@@ -49,7 +49,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -469,8 +468,3 @@ def _link_note(links: dict[str, int]) -> str:
         notes.append("symbolic links need IMAGES to stay where it is")
     return f" ({'; '.join(notes)})" if notes else ""
 
-
-if __name__ == "__main__":  # the spelling from before the command moved to tools/
-    from tools.from_folder import main
-
-    sys.exit(main())
