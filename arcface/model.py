@@ -7,14 +7,21 @@ pooling and classification layers. Its state-dict keys are torchvision's under `
 loads as is; for ResNet this is also the layout of mmpretrain's checkpoints, so published
 weights load without renaming. The head is only used for training; retrieval uses
 `embed(images)`.
+
+`arch = "timm/NAME"` or `"timm/NAME.TAG"` takes any timm model instead (CLIP, DINO, DINOv2, SigLIP
+ViTs, ConvNeXt, EfficientNet, ...): timm is an optional extra, and arcface/timm_backbone.py says how
+such a trunk is built, pooled and loaded. `preprocessing_for(arch)` gives the normalisation and
+resize interpolation each trunk's weights expect.
 """
 
 import difflib
+import importlib
 import os
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import ModuleType
 
 import torch
 import torchvision
@@ -24,6 +31,7 @@ from torchvision.models.vision_transformer import VisionTransformer, interpolate
 
 from arcface.head import ArcFaceHead
 from arcface.textfile import DataError
+from arcface.transforms import IMAGENET, Preprocessing
 
 # The torchvision classification models accepted as the trunk, by family, as their builders (the
 # name is the builder's: `resnet50`, `convnext_tiny`, `vit_b_16`). Each is built without weights;
@@ -48,8 +56,10 @@ FAMILIES: dict[str, tuple[Callable[..., nn.Module], ...]] = {
 FAMILY_LIST = f"{', '.join(list(FAMILIES)[:-1])} or {list(FAMILIES)[-1]}"
 _BUILDERS = {builder.__name__: builder for builders in FAMILIES.values() for builder in builders}
 _FAMILY_OF = {builder.__name__: family for family, builders in FAMILIES.items() for builder in builders}
-# The values `build_model` accepts; config.py offers exactly these.
+# The torchvision values `build_model` accepts; config.py offers these and "timm/NAME[.TAG]".
 ARCHS = tuple(_BUILDERS)
+# What starts an arch that names a timm model ("timm/vit_small_patch16_224.dino").
+TIMM_PREFIX = "timm/"
 POOLINGS = ("avg", "gem")
 # The families built by torchvision's ResNet class, whose layout mmpretrain's ResNet checkpoints share.
 MMPRETRAIN_FAMILIES = ("ResNet", "ResNeXt", "Wide ResNet")
@@ -139,8 +149,10 @@ def build_model(
     sub_centers: int = 1,
     easy_margin: bool = False,
     image_size: int = 224,
+    drop_path: float | None = None,
 ) -> RetrievalModel:
-    """A retrieval model on a torchvision trunk (any name in ARCHS) with an ArcFace head.
+    """A retrieval model on a torchvision trunk (any name in ARCHS) or a timm one ("timm/NAME" or
+    "timm/NAME.TAG") with an ArcFace head.
 
     pretrained: None (random init), "imagenet" (torchvision's DEFAULT weights of `arch`, needs
     network access or the file in torch's hub cache), or the path of a local backbone checkpoint.
@@ -150,17 +162,27 @@ def build_model(
     Linear(C, d, bias=False) + BatchNorm1d(d). image_size: the side of the square images the
     model will see (the crop); a ViT's position embeddings are made for it, the other trunks take
     any size and only check a minimum.
+
+    A timm trunk (arcface/timm_backbone.py) pools itself: "avg" is the model's own pooling (its
+    pooled pre-logits feature is the embedding when embedding_dim is None), "gem" replaces its
+    global average pool where it has one. pretrained "timm" loads the tag's weights.
+    drop_path: timm's stochastic depth rate (drop_path_rate) for a timm trunk; None keeps timm's
+    default. torchvision trunks keep their builders' own stochastic depth and take None or 0 only.
     """
-    check_backbone(arch, pooling, image_size)
+    check_backbone(arch, pooling, image_size, drop_path)
     if embedding_dim is not None and (not isinstance(embedding_dim, int) or embedding_dim < 1):
         raise ValueError(
             f"embedding_dim: expected a positive integer or None, got {embedding_dim!r}"
         )
-    backbone, pooled_dim = classifier_trunk(build_torchvision(arch, image_size))
-    if isinstance(backbone, VisionTransformer):
-        neck = nn.Identity()  # the class token is already one vector per image
+    if is_timm_arch(arch):
+        backbone, pooled_dim = _timm_backbone().build(arch, pooling, image_size, drop_path)
+        neck = nn.Identity()  # timm's model pools: its own pooling, or GeM in place of its pool
     else:
-        neck = GeM() if pooling == "gem" else GlobalAvgPool()
+        backbone, pooled_dim = classifier_trunk(build_torchvision(arch, image_size))
+        if isinstance(backbone, VisionTransformer):
+            neck = nn.Identity()  # the class token is already one vector per image
+        else:
+            neck = GeM() if pooling == "gem" else GlobalAvgPool()
     if embedding_dim is None:
         embedding = nn.Identity()
     else:
@@ -176,9 +198,23 @@ def build_model(
     return model
 
 
-def check_backbone(arch: str, pooling: str = "avg", image_size: int = 224) -> None:
-    """Raises a one-line ValueError naming the key (arch, pooling, crop) that `build_model`
-    cannot use; cheap (nothing is built), so config.py checks a configuration with it."""
+def check_backbone(
+    arch: str, pooling: str = "avg", image_size: int = 224, drop_path: float | None = None
+) -> None:
+    """Raises a one-line ValueError naming the key (arch, pooling, crop, drop_path) that
+    `build_model` cannot use; cheap (nothing is built; a timm model is built once on the meta
+    device, without weights), so config.py checks a configuration with it."""
+    if drop_path is not None and (isinstance(drop_path, bool) or not isinstance(drop_path, (int, float))
+                                  or not 0 <= drop_path < 1):
+        raise ValueError(f"drop_path: expected a number in [0, 1) or None, got {drop_path!r}")
+    if is_timm_arch(arch):
+        _timm_backbone().check(arch, pooling, image_size, drop_path)
+        return
+    if drop_path:
+        raise ValueError(
+            f"drop_path: only timm backbones (arch = \"timm/NAME\") take it; torchvision's {arch} keeps "
+            f"its builder's own stochastic depth, so use drop_path = 0; got {drop_path}"
+        )
     if arch not in _BUILDERS:
         raise ValueError(f"arch: {_unknown_arch(arch)}")
     if pooling not in POOLINGS:
@@ -215,9 +251,34 @@ def vit_patch_size(arch: str) -> int:
 
 
 def family_of(arch: str) -> str:
-    """'convnext_tiny' -> 'ConvNeXt' (a key of FAMILIES)."""
+    """'convnext_tiny' -> 'ConvNeXt' (a key of FAMILIES); 'timm' for a timm arch."""
     check_backbone(arch)
-    return _FAMILY_OF[arch]
+    return "timm" if is_timm_arch(arch) else _FAMILY_OF[arch]
+
+
+def is_timm_arch(arch: object) -> bool:
+    """Whether `arch` names a timm model ("timm/NAME" or "timm/NAME.TAG"); imports nothing."""
+    return isinstance(arch, str) and arch.startswith(TIMM_PREFIX)
+
+
+def is_timm_model(module: nn.Module) -> bool:
+    """Whether `module` is a timm model (the trunk of a timm arch)."""
+    return type(module).__module__.startswith("timm.")
+
+
+def _timm_backbone() -> ModuleType:
+    """arcface.timm_backbone, imported when a timm arch is first used (it imports this module)."""
+    return importlib.import_module("arcface.timm_backbone")
+
+
+def preprocessing_for(arch: str) -> Preprocessing:
+    """The mean, std (0-1 scale) and resize interpolation the weights of `arch` were trained with:
+    ImageNet's and bilinear (the reference recipe) for torchvision archs, the pretrained
+    configuration of the tag for timm archs (CLIP's own statistics for CLIP models, and so on)."""
+    if is_timm_arch(arch):
+        return _timm_backbone().preprocessing(arch)
+    check_backbone(arch)
+    return IMAGENET
 
 
 def _unknown_arch(arch: str) -> str:
@@ -233,13 +294,29 @@ def _unknown_arch(arch: str) -> str:
     what = ("a torchvision model, but not of an accepted family"
             if arch in tv.list_models(module=tv) else "not a known backbone")
     return (
-        f"{arch!r} is {what}; {hint} (accepted: the torchvision {FAMILY_LIST} models; "
-        "python -c 'import arcface.model as m; print(*m.ARCHS)' lists them)"
+        f"{arch!r} is {what}; {hint}{_timm_hint(arch)} (accepted: the torchvision {FAMILY_LIST} "
+        "models; python -c 'import arcface.model as m; print(*m.ARCHS)' lists them; or "
+        f"{TIMM_PREFIX}NAME for a timm model)"
     )
+
+
+def _timm_hint(arch: str) -> str:
+    """'; timm has it: arch = "timm/vgg16"' when timm is installed and has a model of that name
+    that torchvision's accepted ones do not cover."""
+    name = arch.lower()
+    if name in _BUILDERS:
+        return ""
+    try:
+        timm = importlib.import_module("timm")
+    except ImportError:
+        return ""
+    return f'; timm has it: arch = "{TIMM_PREFIX}{name}"' if timm.is_model(name) else ""
 
 
 def build_torchvision(arch: str, image_size: int = 224) -> nn.Module:
     """torchvision's classification model `arch`, randomly initialised (a ViT for image_size)."""
+    if is_timm_arch(arch):
+        raise ValueError(f"arch: {arch!r} is a timm model, not a torchvision one: build it with build_model")
     check_backbone(arch, image_size=image_size)
     if _FAMILY_OF[arch] == "ViT":
         return _BUILDERS[arch](weights=None, image_size=image_size)
@@ -290,8 +367,14 @@ class BackboneLoadReport:
 def load_pretrained_backbone(
     backbone: nn.Module, arch: str, pretrained: str | os.PathLike
 ) -> BackboneLoadReport:
-    """Load "imagenet" (torchvision's DEFAULT weights) or a local checkpoint into a trunk of
-    `build_model` (`model.backbone`)."""
+    """Load "imagenet" (torchvision's DEFAULT weights), "timm" (a timm arch's tag weights) or a
+    local checkpoint (a torch file, or `.safetensors`) into a trunk of `build_model`
+    (`model.backbone`)."""
+    if is_timm_arch(arch):
+        return _timm_backbone().load_pretrained(backbone, arch, pretrained)
+    if pretrained == "timm":
+        raise ValueError(f"pretrained: 'timm' loads the weights of a timm arch (\"{TIMM_PREFIX}NAME.TAG\"); "
+                         f"for torchvision's {arch} use \"imagenet\" or a checkpoint path")
     if pretrained == "imagenet":
         weights = imagenet_weights(arch)
         return load_backbone_state(backbone, imagenet_state_dict(arch), f"torchvision {weights}")
@@ -302,11 +385,19 @@ def imagenet_weights(arch: str) -> torchvision.models.WeightsEnum:
     """torchvision's DEFAULT (best published ImageNet) weights of `arch`, e.g.
     ResNet50_Weights.IMAGENET1K_V2, ConvNeXt_Tiny_Weights.IMAGENET1K_V1."""
     check_backbone(arch)
+    if is_timm_arch(arch):
+        raise ValueError(f"pretrained: {arch} is a timm model: its weights are pretrained = \"timm\", "
+                         "not torchvision's \"imagenet\"")
     return torchvision.models.get_model_weights(arch).DEFAULT
 
 
 class WeightsUnavailable(OSError, RuntimeError):
     """Pretrained weights that could not be fetched (an OSError: launchers report it in one line)."""
+
+
+class MissingExtra(ImportError, ValueError):
+    """An optional package (timm, safetensors) that is not installed; the message is one line with
+    the pip command. A ValueError too, so the configuration check reports it as a refused value."""
 
 
 def imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
@@ -329,12 +420,16 @@ def imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A checkpoint file -> its flat {key: tensor} state dict, loaded with weights_only=True.
 
-    Accepts a plain state dict or one wrapped under "state_dict" (mmpretrain, Lightning) or
-    "model" (this project's snapshots, many others); other top-level entries are ignored.
+    Accepts a plain state dict or one wrapped under "state_dict" (mmpretrain, Lightning, timm),
+    "model" (this project's snapshots, many others) or "teacher" (DINO: the teacher is what DINO
+    evaluates and publishes); other top-level entries are ignored. A `.safetensors` file (the
+    Hugging Face Hub's format) is read with the safetensors package, an optional extra.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file")
+    if path.endswith(".safetensors"):
+        return _read_safetensors(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
@@ -360,8 +455,27 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
+def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    try:
+        safetensors_torch = importlib.import_module("safetensors.torch")
+    except ImportError:
+        # An ImportError and a ValueError: one line, like the other refused values.
+        raise MissingExtra(
+            f"{path}: reading .safetensors files needs safetensors, an optional extra that is not "
+            "installed: pip install safetensors"
+        ) from None
+    try:
+        state = safetensors_torch.load_file(path, device="cpu")
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(f"{path}: not a readable safetensors file ({type(error).__name__}: {reason})") from None
+    if not state:
+        raise DataError(f"{path}: a safetensors file without tensors")
+    return state
+
+
 def _unwrap_state_dict(checkpoint: object) -> object:
-    for wrapper in ("state_dict", "model"):
+    for wrapper in ("state_dict", "model", "teacher"):
         if isinstance(checkpoint, dict) and isinstance(checkpoint.get(wrapper), dict):
             return _unwrap_state_dict(checkpoint[wrapper])
     return checkpoint
@@ -392,20 +506,35 @@ def load_backbone_state(
                 f"{source}: {source_key!r} has shape {tuple(tensor.shape)}, but the backbone's "
                 f"{key!r} has shape {tuple(expected[key].shape)} (a different architecture?)"
             )
+    return load_selected_keys(backbone, trunk_state, ignored, resized, source)
+
+
+def load_selected_keys(
+    backbone: nn.Module, trunk_state: dict[str, tuple[str, torch.Tensor]], ignored: list[str],
+    resized: list[str], source: str,
+) -> BackboneLoadReport:
+    """Load {backbone key: (file key, tensor)} non-strictly (shapes checked by the caller) and
+    report, with a warning, what is missing or unexpected. The p of a GeM inside the backbone (a
+    timm trunk's pool) is the project's, not a file's, and never counts as missing."""
     result = backbone.load_state_dict(
         {key: tensor for key, (_, tensor) in trunk_state.items()}, strict=False
     )
     report = BackboneLoadReport(
-        sorted(result.missing_keys), sorted(result.unexpected_keys), ignored, resized
+        sorted(set(result.missing_keys) - gem_keys(backbone)), sorted(result.unexpected_keys), ignored, resized
     )
     if report.missing_keys or report.unexpected_keys:
         warnings.warn(
             f"{source}: backbone weights loaded with {len(report.missing_keys)} missing keys "
             f"{_preview(report.missing_keys)} and {len(report.unexpected_keys)} unexpected keys "
             f"{_preview(report.unexpected_keys)}",
-            stacklevel=2,
+            stacklevel=3,
         )
     return report
+
+
+def gem_keys(backbone: nn.Module) -> set[str]:
+    """The p of each GeM inside `backbone` (a timm trunk's pool): weights no file holds."""
+    return {f"{name}.p" for name, module in backbone.named_modules() if isinstance(module, GeM)}
 
 
 def fit_position_embedding(
@@ -413,7 +542,10 @@ def fit_position_embedding(
 ) -> torch.Tensor:
     """A ViT's `encoder.pos_embedding` (key relative to the backbone) made for another image size,
     interpolated to the backbone's (bicubic on the grid of patches, torchvision's
-    interpolate_embeddings; the class token's entry is kept); any other tensor as it is."""
+    interpolate_embeddings; the class token's entry is kept); any other tensor as it is. A timm
+    ViT's `pos_embed` is resampled as timm resamples it (arcface/timm_backbone.py)."""
+    if is_timm_model(backbone):
+        return _timm_backbone().fit_position_embedding(backbone, key, tensor, source)
     if not isinstance(backbone, VisionTransformer) or key != "encoder.pos_embedding":
         return tensor
     wanted = backbone.encoder.pos_embedding.shape  # (1, 1 + (S / patch)^2, C)

@@ -10,8 +10,12 @@ Recipe: resize 512 -> crop 448; the demo uses resize 72 -> crop 64.
 from __future__ import annotations
 
 import io
+import math
 import os
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,6 +28,9 @@ from arcface.imageheader import MAX_IMAGE_PIXELS, HeaderError, read_header
 # ImageNet statistics on the 0-255 scale, as the reference recipe states them (RGB order).
 MEAN_RGB = (123.675, 116.28, 103.53)
 STD_RGB = (58.395, 57.12, 57.375)
+# The resize interpolations the pipelines take, under the names timm's pretrained configurations
+# use (every timm configuration says "bilinear" or "bicubic").
+INTERPOLATIONS = {"bilinear": v2.InterpolationMode.BILINEAR, "bicubic": v2.InterpolationMode.BICUBIC}
 
 # torchvision prefixes decoder errors with its C++ function and source location.
 _SOURCE_LOCATION = re.compile(r"^[^,]*, \S+:\d+, ")
@@ -114,35 +121,111 @@ class NormalizeUint8:
         return f"{type(self).__name__}(mean={self.mean}, std={self.std})"
 
 
+@dataclass(frozen=True)
+class Preprocessing:
+    """The normalisation and resize interpolation a backbone's weights were trained with.
+
+    mean and std are per RGB channel on the 0-1 scale (timm's and torchvision's convention);
+    `mean_255` and `std_255` are the same statistics on the 0-255 scale NormalizeUint8 uses.
+    `as_dict()` / `from_dict()` let a snapshot or an export record it as plain JSON values.
+    """
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if (isinstance(values, (str, bytes)) or len(values) != 3
+                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
+                raise ValueError(f"preprocessing {name}: expected 3 numbers (R, G, B), got {values!r}")
+            values = tuple(float(v) for v in values)
+            if not all(math.isfinite(v) and (0 < v if name == "std" else 0 <= v) and v <= 1 for v in values):
+                raise ValueError(
+                    f"preprocessing {name}: expected values on the 0-1 scale"
+                    f"{' (and > 0)' if name == 'std' else ''}, got {list(values)}"
+                )
+            object.__setattr__(self, name, values)  # lists (from JSON) become tuples: hashable, comparable
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(
+                f"preprocessing interpolation: expected {' or '.join(map(repr, INTERPOLATIONS))}, "
+                f"got {self.interpolation!r}"
+            )
+
+    @property
+    def mean_255(self) -> tuple[float, ...]:
+        # Rounded so that ImageNet's 0.485 gives the recipe's 123.675 exactly, not 123.67499999999998.
+        return tuple(round(255 * v, 10) for v in self.mean)
+
+    @property
+    def std_255(self) -> tuple[float, ...]:
+        return tuple(round(255 * v, 10) for v in self.std)
+
+    def transform_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of train_transform / test_transform that apply it."""
+        return {"mean": self.mean_255, "std": self.std_255, "interpolation": self.interpolation}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"mean": list(self.mean), "std": list(self.std), "interpolation": self.interpolation}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Preprocessing:
+        """The inverse of as_dict; keys it does not know (written by a later version) are left out."""
+        if not isinstance(values, Mapping):
+            raise ValueError(f"preprocessing: expected a mapping of mean, std and interpolation, got {values!r}")
+        missing = [key for key in ("mean", "std", "interpolation") if key not in values]
+        if missing:
+            raise ValueError(f"preprocessing: missing {', '.join(missing)} in {dict(values)!r}")
+        return cls(values["mean"], values["std"], values["interpolation"])
+
+
+# What torchvision's weights (and the reference recipe) expect: ImageNet statistics, bilinear resize.
+IMAGENET = Preprocessing(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bilinear")
+
+
 def check_sizes(resize: int, crop: int) -> None:
     """ValueError naming `crop` unless 0 < crop <= resize: the crop is cut out of the resized image."""
     if not 0 < crop <= resize:
         raise ValueError(f"crop: expected 0 < crop <= resize ({resize}), got {crop}")
 
 
-def train_transform(resize: int, crop: int) -> v2.Compose:
-    """Resize to (resize, resize) ignoring aspect ratio, random (crop, crop), flip p=0.5, normalise."""
+def train_transform(
+    resize: int, crop: int, *, mean: tuple[float, ...] = MEAN_RGB, std: tuple[float, ...] = STD_RGB,
+    interpolation: str = "bilinear",
+) -> v2.Compose:
+    """Resize to (resize, resize) ignoring aspect ratio, random (crop, crop), flip p=0.5, normalise.
+
+    mean and std are on the 0-255 scale (NormalizeUint8's); a backbone's own statistics and
+    interpolation come from `Preprocessing.transform_kwargs()`.
+    """
     check_sizes(resize, crop)
     return v2.Compose(
         [
-            v2.Resize((resize, resize), interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
+            _resize(resize, interpolation),
             v2.RandomCrop(crop),
             v2.RandomHorizontalFlip(p=0.5),
-            NormalizeUint8(),
+            NormalizeUint8(mean, std),
         ]
     )
 
 
-def test_transform(resize: int, crop: int) -> v2.Compose:
-    """Resize to (resize, resize) ignoring aspect ratio, centre (crop, crop), normalise."""
+def test_transform(
+    resize: int, crop: int, *, mean: tuple[float, ...] = MEAN_RGB, std: tuple[float, ...] = STD_RGB,
+    interpolation: str = "bilinear",
+) -> v2.Compose:
+    """Resize to (resize, resize) ignoring aspect ratio, centre (crop, crop), normalise (as
+    train_transform)."""
     check_sizes(resize, crop)
-    return v2.Compose(
-        [
-            v2.Resize((resize, resize), interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
-            v2.CenterCrop(crop),
-            NormalizeUint8(),
-        ]
-    )
+    return v2.Compose([_resize(resize, interpolation), v2.CenterCrop(crop), NormalizeUint8(mean, std)])
+
+
+def _resize(size: int, interpolation: str) -> v2.Resize:
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(
+            f"interpolation: expected {' or '.join(map(repr, INTERPOLATIONS))}, got {interpolation!r}"
+        )
+    return v2.Resize((size, size), interpolation=INTERPOLATIONS[interpolation], antialias=True)
 
 
 # The name starts with "test_": keep pytest from collecting it when a test module imports it.
