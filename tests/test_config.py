@@ -111,6 +111,28 @@ def test_launcher_exits_non_zero_naming_the_key(argv, words):
         assert word in proc.stderr
 
 
+@pytest.mark.parametrize("launcher, argv, words", [
+    ("single_gpu.py", ["--config", "configs"], ["configs: expected a TOML file, got a folder"]),
+    ("single_gpu.py", ["--config", "/dev/zero"], ["/dev/zero: expected a TOML file, got a special file"]),
+    ("single_gpu.py", ["--collective_timeout_s", "1e-9"], ["collective_timeout_s: expected a value >= 1"]),
+    ("multigpu.py", ["--nprocs", "0"], ["--nprocs: expected at least 1 process, got 0"]),
+    ("multigpu.py", ["--nprocs", "-1"], ["--nprocs: expected at least 1 process, got -1"]),
+])
+def test_hostile_values_stop_in_one_line_with_status_2(launcher, argv, words):
+    proc = subprocess.run([sys.executable, launcher, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    for word in words:
+        assert word in proc.stderr.strip().splitlines()[-1]
+
+
+def test_a_config_file_too_large_to_be_one_is_refused_unread(tmp_path):
+    huge = tmp_path / "huge.toml"
+    with open(huge, "wb") as f:
+        f.truncate(config.MAX_CONFIG_BYTES + 1)  # sparse: nothing is written, nothing must be read
+    with pytest.raises(ConfigError, match=f"^{huge}: {config.MAX_CONFIG_BYTES + 1} bytes is not a config file"):
+        config.load_toml(huge)
+
+
 def test_one_gpu_recipe_differs_from_the_reference_only_in_batch_and_precision():
     ref = config.load_toml(ROOT / "configs" / "inshop_r50.toml")
     one = Config(**config.load_toml(ROOT / "configs" / "inshop_r50_1gpu.toml"))

@@ -352,6 +352,26 @@ def test_non_finite_loss_stops_naming_epoch_and_step(tmp_path, monkeypatch):
     assert read_snapshot(tmp_path / "snapshot.pt").epochs_run == 1  # the last good one
 
 
+def test_non_finite_embeddings_at_evaluation_stop_as_divergence(tmp_path, monkeypatch):
+    # Finite weights can embed to NaN (BatchNorm over all-black images, say): the metrics would
+    # otherwise fail with a traceback that names no epoch.
+    t = toy_trainer(toy_config(tmp_path, total_epochs=4, eval_every=2))
+    original = t.raw_model.embed
+
+    def embed(x):
+        out = original(x)
+        if not torch.is_grad_enabled() and t.epochs_run >= 2:  # evaluation after epoch 2 (training has gradients)
+            out = out.clone()
+            out[0, 0] = float("nan")
+        return out
+
+    monkeypatch.setattr(t.raw_model, "embed", embed)
+    with pytest.raises(FloatingPointError, match=r"^non-finite embeddings at evaluation \(1 of 15 query embeddings "
+                                                 r"hold NaN or infinite values\) after epoch 2: training stopped.*last "
+                                                 r"good snapshot \(after epoch 2\)"):
+        t.train()
+
+
 def test_divergence_with_a_finite_loss_stops_where_it_arises_and_saves_nothing(tmp_path):
     # ArcFace normalises features and weights, so its loss stays finite while BatchNorm's running
     # statistics run off to infinity; only evaluation would have noticed.
