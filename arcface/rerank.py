@@ -262,7 +262,7 @@ def k_reciprocal_top_k(
     docstring). Items are the queries (0..Q-1) then the gallery (Q..Q+G-1). Memory: one
     L2-normalised copy of the gallery, (chunk, Q) or (chunk, G) similarity blocks, (N, max(k1 + 1,
     k2)) neighbour lists, sparse V rows, and at most `max_pairs` Jaccard pairs at a time
-    (docs/TOOLS.md: about 330 MiB above the embeddings at In-Shop size).
+    (docs/TOOLS.md: about 350 MiB above the embeddings at In-Shop size).
     """
     _check_embeddings(query, gallery)
     Rerank("kr", kr_k1=k1, kr_k2=k2, kr_lambda=lambda_)  # validates the parameters

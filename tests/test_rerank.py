@@ -86,7 +86,7 @@ def published_re_ranking(q_g_dist: np.ndarray, q_q_dist: np.ndarray, g_g_dist: n
         expanded_sets.append(set(expanded.tolist()))
     if k2 != 1:
         weights = np.stack([weights[rank[p, :k2]].mean(axis=0) for p in range(size)])
-    shared_mass = np.minimum(weights[:num_query, None, :], weights[None, :, :]).sum(axis=2)  # (Q, N)
+    shared_mass = np.stack([np.minimum(weights[p], weights).sum(axis=1) for p in range(num_query)])  # (Q, N)
     jaccard = 1 - shared_mass / (2 - shared_mass)
     final = jaccard * (1 - lambda_value) + dist[:num_query] * lambda_value
     return final[:, num_query:], plain_sets, expanded_sets
