@@ -15,24 +15,40 @@ qe: alpha-QE (Radenovic et al., "Fine-tuning CNN image retrieval with no human a
     the expanded queries are made and searched one chunk at a time.
 
 kr: k-reciprocal re-ranking (Zhong et al., "Re-ranking Person Re-identification with
-    k-reciprocal Encoding", CVPR 2017), over the N = Q + G items of both sets, with the
-    distance d(a, b) = 1 - cos(a, b). Definitions used here:
-      N(p, k)  the k items nearest p, p itself first (N(p, 1) = {p});
-      R(p, k)  = {x in N(p, k) : p in N(x, k)}, the k-reciprocal neighbours (p is one);
-      R*(p)    = R(p, k1) united with every R(q, h), q in R(p, k1), h = ceil(k1 / 2), that shares
-                 at least 2/3 of its members with R(p, k1);
-      V_p      sparse over the N items: V_p[x] = exp(-d(p, x)) for x in R*(p), else 0;
-      V_p      <- the mean of V_x over x in N(p, k2) (local query expansion);
-      d_J(p,g) = 1 - sum_x min(V_p[x], V_g[x]) / sum_x max(V_p[x], V_g[x]);
-      d*(p,g)  = (1 - lambda) d_J(p, g) + lambda d(p, g).
-    The gallery is ranked by d* ascending, reported as the score 1 - d* =
-    lambda cos + (1 - lambda)(1 - d_J), so lambda = 1 is plain cosine ranking, bit for bit.
+    k-reciprocal Encoding", CVPR 2017) as the authors' published Python re_ranking(q_g_dist,
+    q_q_dist, g_g_dist, k1, k2, lambda_value) computes it (the code ReID baselines use and their
+    numbers come from), given the Euclidean distances of the L2-normalised embeddings, over the
+    N = Q + G items of both sets. With d0(a, b) = ||a^ - b^||^2 = 2 - 2 cos(a, b):
+      M_p      = max over all N items x of d0(p, x) (the reference's column maxima);
+      d(p, x)  = d0(p, x) / M_p, the reference's original_dist (normalised, transposed);
+      N(p, k)  the k items nearest p, p itself first (N(p, 1) = {p}): the reference's
+               initial_rank[p, :k];
+      R(p, k)  = {x in N(p, k) : p in N(x, k)} (p is one);
+      R*(p)    = R(p, k1 + 1) united with every R(q, h + 1), q in R(p, k1 + 1), h = round(k1 / 2)
+                 (halves to even, as numpy), that shares strictly more than 2/3 of its members
+                 with R(p, k1 + 1);
+      V_p      sparse over the N items: V_p[x] = exp(-d(p, x)) / sum over y in R*(p) of
+               exp(-d(p, y)) for x in R*(p), else 0 (each row sums to 1);
+      V_p      <- the mean of V_x over x in N(p, k2) (local query expansion; k2 = 1: none);
+      d_J(p,g) = 1 - m / (2 - m), m = sum_x min(V_p[x], V_g[x]) (= 1 - sum min / sum max, as
+                 every row sums to 1);
+      d*(q,g)  = (1 - lambda) d_J(q, g) + lambda d(q, g).
+    So k1 counts the neighbours besides the item itself (N(p, k1 + 1)), and k2 counts the item.
+    The gallery is ranked by d* ascending (equal values by gallery index; the reference's
+    argsort leaves their order open), reported as the score 1 - d*. Rankings equal the
+    reference's up to exact ties; the reference rounds d to float32 (and V to float16 in its
+    first version), which can swap items whose d* differ by less than that rounding. lambda = 1
+    ranks by d(q, g), for one query a decreasing function of the cosine: computed in float64
+    from the cosines, it keeps float32 cosines apart, so for float32 embeddings it is the
+    cosine ranking of retrieval_metrics, bit for bit (float64 cosines one unit in the last
+    place apart may tie and are then ordered by index).
     The naive form holds (N, N) distance and V matrices (In-Shop: 26,830^2 floats, 2.9 GB each);
-    here only neighbour lists (N, k) and sparse V rows are kept, similarities are computed in
-    (chunk, Q) and (chunk, G) blocks, and the Jaccard sums are joined over the shared support of V rows in
-    blocks of at most `max_pairs` pairs. V is held in fixed point (int64) and every sum over it is
-    an integer sum, exact in any order, so the result is the same on any device and backend (the
-    mean over N(p, k2) is kept as a sum: d_J does not change when every V is scaled alike).
+    here only neighbour lists (N, k1 + 1) and sparse V rows are kept, M_p is taken while the
+    neighbour lists are made, similarities are computed in (chunk, Q) and (chunk, G) blocks, and
+    the Jaccard sums are joined over the shared support of V rows in blocks of at most
+    `max_pairs` pairs. V is held in fixed point (int64, units of 2**-32), each row rounded to sum
+    exactly 1, so every sum over it is an integer sum, exact in any order, and the result is
+    deterministic (the mean over N(p, k2) is kept as a sum: m is divided by k2).
 """
 from __future__ import annotations
 
@@ -52,13 +68,15 @@ RERANK_METHODS = ("none", "qe", "kr")
 # embeddings whose neighbours' cosines spread more, the literature's alpha = 3 is the usual choice.
 QE_K = 3
 QE_ALPHA = 500.0
-# kr: the paper's values for Market-1501, kept (not tuned here).
+# kr: the paper's values for Market-1501 (k1 = 20, k2 = 6, lambda = 0.3), in the meaning of the
+# authors' code (module docstring), kept (not tuned here).
 KR_K1 = 20
 KR_K2 = 6
 KR_LAMBDA = 0.3
-# V in fixed point: weights in (0, 1] times 2**32 as int64. A Jaccard sum adds at most k2 * N
-# of them, exact in int64 while k2 * N < 2**31.
-_FIXED_POINT = 2.0**32
+# V in fixed point: weights in [0, 1] in units of 2**-32, int64. An expanded V row sums to k2 * 2**32;
+# the Jaccard quotient m / (2 - m) divides such sums in float64, exact while k2 < 2**20.
+_FIXED_POINT = 2**32
+_MAX_K2 = 2**20
 
 
 @dataclass(frozen=True)
@@ -68,9 +86,9 @@ class Rerank:
     method: str = "none"
     qe_k: int = QE_K  # qe: gallery neighbours added to each gallery vector (DBA) and each query
     qe_alpha: float = QE_ALPHA  # qe: neighbour weight max(cos, 0) ** alpha; 0 averages them evenly
-    kr_k1: int = KR_K1  # kr: size of the neighbourhoods N(p, k1) whose reciprocity makes R(p, k1)
-    kr_k2: int = KR_K2  # kr: neighbours averaged into V_p (local query expansion); 1 turns it off
-    kr_lambda: float = KR_LAMBDA  # kr: weight of the cosine distance against the Jaccard distance
+    kr_k1: int = KR_K1  # kr: neighbours besides the item itself whose reciprocity makes R(p, k1 + 1)
+    kr_k2: int = KR_K2  # kr: items (the item itself first) averaged into V_p; 1 turns it off
+    kr_lambda: float = KR_LAMBDA  # kr: weight of the original distance against the Jaccard distance
 
     def __post_init__(self) -> None:
         if self.method not in RERANK_METHODS:
@@ -119,7 +137,7 @@ def rerank_top_k(
     """Scores (Q, k') and gallery indices (Q, k') of each query's best gallery items, best first.
 
     k' = min(k, G). Scores: cosine similarity ("none"), cosine similarity of the expanded vectors
-    ("qe"), lambda cos + (1 - lambda)(1 - d_J) ("kr").
+    ("qe"), 1 - d* with d* = (1 - lambda) d_J + lambda ||q - g||^2 / M_q ("kr", module docstring).
     """
     _check_embeddings(query, gallery)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -239,19 +257,25 @@ def k_reciprocal_top_k(
 ) -> tuple[Tensor, Tensor]:
     """Scores 1 - d* (Q, k') and gallery indices (Q, k') after k-reciprocal re-ranking, best first.
 
-    Items are the queries (0..Q-1) then the gallery (Q..Q+G-1). Memory: one L2-normalised copy of
-    the gallery, (chunk, Q) or (chunk, G) similarity blocks, (N, max(k1, k2)) neighbour lists,
-    sparse V rows, and at most `max_pairs` Jaccard pairs at a time (docs/TOOLS.md: 333 MiB above
-    the embeddings at In-Shop size).
+    d* is the final distance of Zhong et al.'s published re_ranking(q_g_dist, q_q_dist, g_g_dist,
+    k1, k2, lambda_value) given squared Euclidean distances of the L2-normalised embeddings (module
+    docstring). Items are the queries (0..Q-1) then the gallery (Q..Q+G-1). Memory: one
+    L2-normalised copy of the gallery, (chunk, Q) or (chunk, G) similarity blocks, (N, max(k1 + 1,
+    k2)) neighbour lists, sparse V rows, and at most `max_pairs` Jaccard pairs at a time
+    (docs/TOOLS.md: about 350 MiB above the embeddings at In-Shop size).
     """
     _check_embeddings(query, gallery)
     Rerank("kr", kr_k1=k1, kr_k2=k2, kr_lambda=lambda_)  # validates the parameters
     items = _Items(query, gallery)
-    neighbours = _neighbour_lists(items, max(k1, k2), chunk_size)  # (N, w), self first
-    weights = _gaussian_weights(items, _expanded_reciprocal_sets(neighbours, k1, chunk_size), chunk_size)
+    if min(k2, items.size) >= _MAX_K2:
+        raise ValueError(f"rerank: kr_k2 must be below {_MAX_K2} when there are as many items, got {k2}")
+    neighbours, farthest = _neighbour_lists(items, max(k1 + 1, k2), chunk_size)  # (N, w) self first; (N,)
+    weights = _gaussian_weights(items, farthest, _expanded_reciprocal_sets(neighbours, k1, chunk_size),
+                                chunk_size)
     weights = _local_query_expansion(weights, neighbours[:, :k2], items.size)
+    mass = min(k2, neighbours.shape[1]) * _FIXED_POINT  # every expanded V row sums to exactly this
     del neighbours
-    return _jaccard_top_k(items, weights, k, lambda_, chunk_size, max_pairs)
+    return _jaccard_top_k(items, weights, mass, farthest, k, lambda_, chunk_size, max_pairs)
 
 
 class _Items:
@@ -288,15 +312,26 @@ class _Items:
         yield self.num_query, rows @ self.gallery_unit.T  # (m, G)
 
 
-def _neighbour_lists(items: _Items, width: int, chunk_size: int) -> Tensor:
-    """(N, w) the w = min(width, N) items nearest each item by cosine, the item itself first."""
+def _squared_distance(cosine: Tensor) -> Tensor:
+    """float64 ||a - b||^2 = 2 - 2 cos(a, b) of unit vectors; exact for float32 cosines of magnitude > 2^-29."""
+    return 2 - 2 * cosine.double()
+
+
+def _neighbour_lists(items: _Items, width: int, chunk_size: int) -> tuple[Tensor, Tensor]:
+    """(N, w) the w = min(width, N) items nearest each item, the item itself first, and (N,) float64
+    M_p: the largest squared distance from each item to any of the N items (the reference's column maxima).
+
+    Nearest means largest cosine, that is smallest squared distance; equal cosines by item index.
+    """
     width = min(width, items.size)
     neighbours = torch.empty(items.size, width, dtype=torch.long, device=items.device)
+    lowest = torch.empty(items.size, dtype=items.dtype, device=items.device)  # each item's smallest cosine
     for start in range(0, items.size, chunk_size):
         stop = min(start + chunk_size, items.size)
         own = torch.arange(start, stop, device=items.device)
-        values, indices = [], []
+        values, indices, minima = [], [], []
         for first, similarity in items.similarity_parts(items.unit(own)):
+            minima.append(similarity.min(dim=1).values)
             mine = (own >= first) & (own < first + similarity.shape[1])
             similarity[(own - start)[mine], own[mine] - first] = torch.inf  # self first, even beside a duplicate
             best = _top_k_stable(similarity, min(width, similarity.shape[1]))
@@ -306,13 +341,15 @@ def _neighbour_lists(items: _Items, width: int, chunk_size: int) -> Tensor:
         # Equal values keep index order: each part lists them by index, and queries precede the gallery.
         values, indices = torch.cat(values, dim=1), torch.cat(indices, dim=1)
         neighbours[start:stop] = indices.gather(1, _top_k_stable(values, width))
-    return neighbours
+        lowest[start:stop] = torch.stack(minima, dim=1).min(dim=1).values
+    return neighbours, _squared_distance(lowest)
 
 
 def reciprocal_sets(neighbours: Tensor, k: int, chunk_size: int = 4096) -> Tensor:
     """(N, k') R(p, k): row p holds N(p, k) with -1 where p is not among that item's own k nearest.
 
     `neighbours` (N, >= k) lists each item's nearest items, itself first; k' = min(k, width).
+    N(p, k) counts p itself: the reference's k-reciprocal neighbours of p at k1 are R(p, k1 + 1).
     """
     nearest = neighbours[:, :k]
     reciprocal = torch.empty_like(nearest)
@@ -328,16 +365,16 @@ def reciprocal_sets(neighbours: Tensor, k: int, chunk_size: int = 4096) -> Tenso
 def _expanded_reciprocal_sets(neighbours: Tensor, k1: int, chunk_size: int) -> Iterator[Tensor]:
     """R*(p) of every item, chunk by chunk: (chunk, m) rows, each row's members in ascending
     order, each once; -1 entries are padding."""
-    full = reciprocal_sets(neighbours, k1, chunk_size)  # (N, k1)
-    half = reciprocal_sets(neighbours, (k1 + 1) // 2, chunk_size)  # (N, h)
+    full = reciprocal_sets(neighbours, k1 + 1, chunk_size)  # (N, k1 + 1) R(p, k1 + 1)
+    half = reciprocal_sets(neighbours, round(k1 / 2) + 1, chunk_size)  # (N, h + 1); round: half to even, as np.around
     for start in range(0, full.shape[0], chunk_size):
-        own = full[start:start + chunk_size]  # (chunk, k1) R(p, k1), -1 padded
-        candidates = half[own.clamp(min=0)]  # (chunk, k1, h) R(q, h) of each q in R(p, k1)
+        own = full[start:start + chunk_size]  # (chunk, k1 + 1) R(p, k1 + 1), -1 padded
+        candidates = half[own.clamp(min=0)]  # (chunk, k1 + 1, h + 1) R(q, h + 1) of each q in R(p, k1 + 1)
         candidates = torch.where((own >= 0)[:, :, None] & (candidates >= 0), candidates, -1)
         in_own = (candidates[:, :, :, None] == own[:, None, None, :]).any(dim=3) & (candidates >= 0)
-        shared = in_own.sum(dim=2)  # (chunk, k1) |R(p, k1) & R(q, h)|
-        size = (candidates >= 0).sum(dim=2)  # (chunk, k1) |R(q, h)|
-        accepted = (3 * shared >= 2 * size) & (size > 0)  # shares at least 2/3 of its members
+        shared = in_own.sum(dim=2)  # (chunk, k1 + 1) |R(p, k1 + 1) & R(q, h + 1)|
+        size = (candidates >= 0).sum(dim=2)  # (chunk, k1 + 1) |R(q, h + 1)|, 0 for padding
+        accepted = 3 * shared > 2 * size  # strictly more than 2/3 of its members (refuses padding)
         candidates = torch.where(accepted[:, :, None], candidates, -1)
         union = torch.cat([own, candidates.flatten(1)], dim=1).sort(dim=1).values  # -1 first
         repeated = torch.zeros_like(union, dtype=torch.bool)
@@ -368,29 +405,45 @@ def _expand_ranges(starts: Tensor, lengths: Tensor, *arrays: Tensor) -> tuple[Te
     return (owner, *(array[positions] for array in arrays))
 
 
-def _gaussian_weights(items: _Items, member_chunks: Iterator[Tensor], chunk_size: int) -> _SparseRows:
-    """V_p[x] = exp(-(1 - cos(p, x))) for x in R*(p), as fixed-point sparse rows.
+def _gaussian_weights(items: _Items, farthest: Tensor, member_chunks: Iterator[Tensor],
+                      chunk_size: int) -> _SparseRows:
+    """V_p[x] = exp(-d(p, x)) / sum over y in R*(p) of exp(-d(p, y)) for x in R*(p), d(p, x) =
+    ||p - x||^2 / M_p, as fixed-point sparse rows that each sum to exactly _FIXED_POINT.
 
-    `member_chunks` yields R*(p) for consecutive rows, (chunk, m) with -1 padding.
+    `farthest` (N,) holds M_p; `member_chunks` yields R*(p) for consecutive rows, (chunk, m) with -1 padding.
     """
+    scale = torch.where(farthest > 0, farthest, 1.0)  # M_p = 0: every item equals p, every d is 0
     all_counts, all_columns, all_values, first_row = [], [], [], 0
     for members in member_chunks:
         valid = members >= 0
-        counts = valid.sum(dim=1)
-        rows = torch.arange(first_row, first_row + members.shape[0], device=members.device).repeat_interleave(counts)
-        columns = members[valid]  # row-major: each row's members in ascending order
-        values = torch.empty(columns.shape[0], dtype=torch.long, device=members.device)
+        row_in_chunk, position = valid.nonzero(as_tuple=True)  # row-major: each row's members ascending
+        rows, columns = row_in_chunk + first_row, members[valid]
+        cosine = torch.empty(columns.shape[0], dtype=items.dtype, device=members.device)
         for start in range(0, columns.shape[0], chunk_size):  # (chunk, D) gathers, not (chunk, m, D)
             stop = min(start + chunk_size, columns.shape[0])
-            cosine = (items.unit(rows[start:stop]) * items.unit(columns[start:stop])).sum(dim=1)
-            values[start:stop] = torch.round(torch.exp(cosine.double() - 1) * _FIXED_POINT).long()
-        all_counts.append(counts)
+            cosine[start:stop] = (items.unit(rows[start:stop]) * items.unit(columns[start:stop])).sum(dim=1)
+        weight = torch.zeros(members.shape, dtype=torch.float64, device=members.device)
+        weight[row_in_chunk, position] = torch.exp(-_squared_distance(cosine) / scale[rows])
+        all_values.append(_fixed_point_rows(weight, valid)[valid])
+        all_counts.append(valid.sum(dim=1))
         all_columns.append(columns)
-        all_values.append(values)
         first_row += members.shape[0]
     offsets = torch.zeros(first_row + 1, dtype=torch.long, device=items.device)
     offsets[1:] = torch.cumsum(torch.cat(all_counts), dim=0)
     return _SparseRows(offsets, torch.cat(all_columns), torch.cat(all_values))
+
+
+def _fixed_point_rows(weight: Tensor, valid: Tensor) -> Tensor:
+    """(rows, m) int64: each row of `weight` (float64, zero off `valid`) divided by its sum, in units of
+    2**-32, rounded so that every row sums to exactly 2**32 (largest remainders round up, ties by position)."""
+    exact = weight / weight.sum(dim=1, keepdim=True) * _FIXED_POINT
+    lower = exact.floor()
+    remainder = torch.where(valid, exact - lower, -1.0)  # padding last
+    missing = (_FIXED_POINT - lower.sum(dim=1)).long()  # units still to hand out, 0..members
+    order = torch.argsort(remainder, dim=1, descending=True, stable=True)
+    place = torch.empty_like(order)
+    place.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    return lower.long() + (place < missing[:, None]).long()
 
 
 def _local_query_expansion(weights: _SparseRows, nearest: Tensor, num_items: int,
@@ -412,13 +465,11 @@ def _local_query_expansion(weights: _SparseRows, nearest: Tensor, num_items: int
     return _SparseRows(torch.cat(offsets), torch.cat(columns), torch.cat(values))
 
 
-def _jaccard_top_k(items: _Items, weights: _SparseRows, k: int, lambda_: float, chunk_size: int,
-                   max_pairs: int) -> tuple[Tensor, Tensor]:
-    """Each query's top k gallery items by lambda cos + (1 - lambda)(1 - d_J): (scores, indices)."""
+def _jaccard_top_k(items: _Items, weights: _SparseRows, mass: int, farthest: Tensor, k: int, lambda_: float,
+                   chunk_size: int, max_pairs: int) -> tuple[Tensor, Tensor]:
+    """Each query's top k gallery items by 1 - d*, d* = (1 - lambda) d_J + lambda ||q - g||^2 / M_q:
+    (scores in the embeddings' compute dtype, indices). Every V row sums to `mass`."""
     num_query, num_gallery = items.num_query, items.size - items.num_query
-    row_sums = torch.zeros(items.size, dtype=torch.long, device=items.device)  # sum of V_p, fixed point
-    row_sums.index_add_(0, torch.repeat_interleave(torch.arange(items.size, device=items.device),
-                                                   weights.offsets.diff()), weights.values)
     # Inverted index of the gallery rows: for each column x, the gallery items g with V_g[x] > 0.
     gallery_entries = slice(int(weights.offsets[num_query]), None)
     gallery_owner = torch.repeat_interleave(torch.arange(num_gallery, device=items.device),
@@ -429,31 +480,33 @@ def _jaccard_top_k(items: _Items, weights: _SparseRows, k: int, lambda_: float, 
     column_counts = torch.bincount(weights.columns[gallery_entries], minlength=items.size)
     column_starts = torch.cumsum(column_counts, dim=0) - column_counts
     del gallery_owner, by_column
+    scale = torch.where(farthest > 0, farthest, 1.0)[:num_query]  # M_q, as in _gaussian_weights
 
     k = min(k, num_gallery)
     scores = torch.empty(num_query, k, dtype=items.dtype, device=items.device)
     indices = torch.empty(num_query, k, dtype=torch.long, device=items.device)
-    for start in range(0, num_query, chunk_size):  # the chunks of retrieval_metrics
+    for start in range(0, num_query, chunk_size):  # the chunks of retrieval_metrics: the same cosines
         stop = min(start + chunk_size, num_query)
-        score = items.query_unit(start, stop) @ items.gallery_unit.T  # (chunk, G) cosine
-        # lambda = 1 still computes d_J, and weighs it 0: lambda * cos + 0 is cos, bit for bit.
+        cosine = items.query_unit(start, stop) @ items.gallery_unit.T  # (chunk, G)
         for first, last in _blocks_of_pairs(weights, column_counts, start, stop, max_pairs, num_gallery):
             shared = _shared_mass(weights, first, last, num_gallery, column_starts, column_counts,
-                                  column_gallery, column_values)  # (block, G) sum of minima
-            union = row_sums[first:last, None] + row_sums[None, num_query:] - shared  # sum of maxima
-            similarity = (shared.double() / union.double()).to(items.dtype)  # 1 - d_J
-            score[first - start:last - start].mul_(lambda_).add_(similarity, alpha=1 - lambda_)
-            del shared, union, similarity
-        indices[start:stop] = _top_k_stable(score, k)
-        scores[start:stop] = score.gather(1, indices[start:stop])
-        del score  # freed before the next chunk's block is allocated
+                                  column_gallery, column_values).double()  # (block, G) sum of minima
+            # Rows of equal mass: sum of maxima = 2 mass - sum of minima, and 1 - d_J = m / (2 - m).
+            similarity = shared / (2 * mass - shared)
+            distance = _squared_distance(cosine[first - start:last - start]) / scale[first:last, None]
+            # lambda = 1: 0 * d_J adds exactly 0, so the score is 1 - ||q - g||^2 / M_q (docs/TOOLS.md).
+            score = 1 - ((1 - lambda_) * (1 - similarity) + lambda_ * distance)
+            indices[first:last] = _top_k_stable(score, k)
+            scores[first:last] = score.gather(1, indices[first:last]).to(items.dtype)
+            del shared, similarity, distance, score
+        del cosine  # freed before the next chunk's block is allocated
     return scores, indices
 
 
 def _blocks_of_pairs(weights: _SparseRows, column_counts: Tensor, start: int, stop: int, max_pairs: int,
                      num_gallery: int) -> list[tuple[int, int]]:
     """Ranges of queries within start..stop-1: each at most max_pairs Jaccard pairs and
-    max_pairs / G rows (its (rows, G) int64 sums), or a single query."""
+    max_pairs / G rows (its (rows, G) sums), or a single query."""
     entries = slice(int(weights.offsets[start]), int(weights.offsets[stop]))
     owner = torch.repeat_interleave(torch.arange(stop - start, device=column_counts.device),
                                     weights.offsets[start:stop + 1].diff())

@@ -7,8 +7,9 @@ The data are bench_eval.py's: random 2048-d vectors around one random centre per
 In-Shop label structure. Each method (none = plain retrieval_metrics, qe, kr with the default
 parameters unless given) runs in a fresh subprocess on the same data, and its peak resident memory (VmHWM,
 reset after the data are built) measures what it needs above the embeddings, as in bench_eval.py.
-A naive k-reciprocal re-ranking would hold (Q + G)^2 float32 distances (In-Shop: 2.9 GB) and as
-many V entries.
+kr is Zhong et al.'s published re_ranking (its k1, k2 and lambda; arcface/rerank.py). A naive
+k-reciprocal re-ranking, as that code is written, would hold (Q + G)^2 float32 distances (In-Shop:
+2.9 GB), as many V entries and an (N, N) ranking.
 """
 from __future__ import annotations
 
