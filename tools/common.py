@@ -139,12 +139,13 @@ def add_rerank_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--qe_alpha", type=float, default=QE_ALPHA, metavar="A",
                        help=f"qe: neighbour weight max(cos, 0) ** A; 0 weighs them evenly (default {QE_ALPHA:g})")
     group.add_argument("--kr_k1", type=int, default=KR_K1, metavar="K1",
-                       help=f"kr: neighbourhood size of the k-reciprocal sets (default {KR_K1})")
+                       help=f"kr: neighbours of the k-reciprocal sets, the item itself not counted, as in "
+                            f"Zhong et al.'s code (default {KR_K1})")
     group.add_argument("--kr_k2", type=int, default=KR_K2, metavar="K2",
                        help=f"kr: neighbours averaged in the local query expansion; 1 turns it off (default {KR_K2})")
     group.add_argument("--kr_lambda", type=float, default=KR_LAMBDA, metavar="L",
-                       help=f"kr: weight of the cosine distance against the Jaccard distance, in [0, 1]; "
-                            f"1 is plain cosine ranking (default {KR_LAMBDA:g})")
+                       help=f"kr: weight of the original distance against the Jaccard distance, in [0, 1]; "
+                            f"1 ranks by the original distance, i.e. plain cosine ranking (default {KR_LAMBDA:g})")
 
 
 def check_rerank_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
