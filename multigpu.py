@@ -11,7 +11,6 @@ import sys
 from datetime import timedelta
 
 import torch
-import torch.multiprocessing as mp
 from torch.distributed import destroy_process_group, init_process_group
 
 from datautils import prepare_dataloader
@@ -58,5 +57,4 @@ if __name__ == "__main__":
     if args.nprocs < 1:
         parser.error(f"--nprocs: expected at least 1 process, got {args.nprocs}")
     cfg = config_or_exit(parser, args)
-    context = mp.spawn(main, args=(args.nprocs, runtime.free_port(), cfg), nprocs=args.nprocs, join=False)
-    sys.exit(runtime.join_forwarding_signals(context))
+    sys.exit(runtime.spawn(main, args=(args.nprocs, runtime.free_port(), cfg), nprocs=args.nprocs))
