@@ -3,7 +3,8 @@
     python multigpu.py [total_epochs] [save_every] [--batch_size 32] [--nprocs N]
 
 The script sets MASTER_ADDR/MASTER_PORT itself (a free port, so two jobs never collide) and starts
-the processes. Without GPUs, `--nprocs N` runs N CPU processes with the gloo backend.
+the processes (support.runtime.spawn: RANK, LOCAL_RANK and WORLD_SIZE set as torchrun sets them; a
+failed job ends with one `error:` line, the first failing rank's). Without GPUs, `--nprocs N` runs N CPU processes with the gloo backend.
 """
 
 import os

@@ -81,12 +81,13 @@ def one_line_errors(main: _Main | None = None, *, also: tuple[type[BaseException
                 _report(f"{rank_tag()}interrupted", 128 + signal.SIGINT, collective=False)
                 sys.exit(128 + signal.SIGINT)
             except (UserError, DataError, OSError, RuntimeError, *also) as error:
-                expected = isinstance(error, (UserError, DataError, OSError, *also))
-                if not expected and not collective_failed(error):
+                # A peer that stopped can surface as a RuntimeError or as an OSError (a reset connection).
+                collective = not isinstance(error, (UserError, DataError)) and collective_failed(error)
+                if not isinstance(error, (UserError, DataError, OSError, *also)) and not collective:
                     raise  # a plain RuntimeError is a bug: its traceback is wanted
                 status = getattr(error, "exit_status", 1)
                 _finish_output()
-                _report(f"error: {rank_tag()}{user_message(error)}", status, collective=not expected)
+                _report(f"error: {rank_tag()}{user_message(error)}", status, collective)
                 sys.exit(status)
             if _finish_output():
                 sys.exit(1)  # the reader left before the output was flushed
