@@ -3,7 +3,8 @@
     python multigpu.py [total_epochs] [save_every] [--batch_size 32] [--nprocs N]
 
 The script sets MASTER_ADDR/MASTER_PORT itself (a free port, so two jobs never collide) and starts
-the processes. Without GPUs, `--nprocs N` runs N CPU processes with the gloo backend.
+the processes (support.runtime.spawn: RANK, LOCAL_RANK and WORLD_SIZE set as torchrun sets them; a
+failed job ends with one `error:` line, the first failing rank's). Without GPUs, `--nprocs N` runs N CPU processes with the gloo backend.
 """
 
 import os
@@ -11,7 +12,6 @@ import sys
 from datetime import timedelta
 
 import torch
-import torch.multiprocessing as mp
 from torch.distributed import destroy_process_group, init_process_group
 
 from datautils import prepare_dataloader
@@ -58,5 +58,4 @@ if __name__ == "__main__":
     if args.nprocs < 1:
         parser.error(f"--nprocs: expected at least 1 process, got {args.nprocs}")
     cfg = config_or_exit(parser, args)
-    context = mp.spawn(main, args=(args.nprocs, runtime.free_port(), cfg), nprocs=args.nprocs, join=False)
-    sys.exit(runtime.join_forwarding_signals(context))
+    sys.exit(runtime.spawn(main, args=(args.nprocs, runtime.free_port(), cfg), nprocs=args.nprocs))

@@ -8,20 +8,27 @@ does the once-per-job work (snapshots, logs, metrics); LOCAL_RANK only picks the
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.connection
+import multiprocessing.resource_tracker
 import multiprocessing.util
 import os
 import pickle
 import signal
 import socket
 import sys
+import tempfile
 import threading
+import time
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from support import errors
 
 _T = TypeVar("_T")
 
@@ -222,7 +229,65 @@ def stop_signal_safe_workers() -> Callable[[int], None]:
     return ignore_stop_signals
 
 
-def join_forwarding_signals(context: mp.ProcessContext) -> int:
+# After a worker fails, how long the others get to end by themselves (most fail within
+# milliseconds, their collective broken, and report) before they are sent SIGTERM, and then how
+# long SIGTERM gets before SIGKILL.
+SPAWN_GRACE_S = 10.0
+
+
+def spawn(main: Callable[..., Any], args: tuple, nprocs: int) -> int:
+    """Runs `main(rank, *args)` in `nprocs` processes (mp.spawn) and waits for them: the exit status
+    for the launcher (`join_forwarding_signals`).
+
+    Each worker gets RANK, LOCAL_RANK and WORLD_SIZE, as under torchrun (so that an error line can
+    name its rank after the process group is gone), and the job's report folder, where the first
+    rank to fail claims the job's one `error:` line (support.errors). A worker killed by a signal
+    cannot say so itself: the launcher claims the line for it. The status is that of the claimed
+    line when there is one (2 for a configuration error), else the first failed worker's.
+    """
+    _start_quiet_resource_tracker()
+    with tempfile.TemporaryDirectory(prefix="arcface-job-") as folder:
+        context = mp.spawn(_spawned, args=(main, nprocs, folder, args), nprocs=nprocs, join=False)
+
+        def killed(index: int, exit_code: int) -> None:
+            if exit_code < 0:
+                name = _signal_name(-exit_code)
+                errors.claim_and_say(Path(folder), f"error: [rank {index}] the process was killed by {name}",
+                                     128 - exit_code, index)
+
+        status = join_forwarding_signals(context, on_failure=killed)
+        claim = errors.read_claim(Path(folder))
+        return claim["status"] if status and claim else status
+
+
+def _start_quiet_resource_tracker() -> None:
+    """Starts multiprocessing's resource tracker, which the workers share, told to ignore its own
+    warning about leaked semaphores: they are those of a worker killed after an error that has
+    been reported (tqdm's lock), and the warning would be the job's last line. The tracker is a
+    process of its own: only the -W options it is started with reach it."""
+    previous = list(sys.warnoptions)
+    sys.warnoptions.append("ignore:resource_tracker:UserWarning")
+    try:
+        multiprocessing.resource_tracker.ensure_running()
+    finally:
+        sys.warnoptions[:] = previous
+
+
+def _spawned(index: int, main: Callable[..., Any], nprocs: int, folder: str, args: tuple) -> None:
+    os.environ.update({"RANK": str(index), "LOCAL_RANK": str(index), "WORLD_SIZE": str(nprocs),
+                       errors.REPORT_DIR_ENV: folder})
+    main(index, *args)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def join_forwarding_signals(context: mp.ProcessContext, grace_s: float = SPAWN_GRACE_S,
+                            on_failure: Callable[[int, int], None] | None = None) -> int:
     """Waits for mp.spawn(..., join=False) workers; returns the exit status for the launcher.
 
     SIGTERM and SIGUSR1 sent to the launcher are passed on to every worker, whose Trainer then
@@ -231,6 +296,11 @@ def join_forwarding_signals(context: mp.ProcessContext) -> int:
     128 + signal after a graceful stop, becomes the launcher's. Ctrl-C is not passed on: the
     terminal sends it to every process of the job already, and a second copy would read as a
     second Ctrl-C (stop at once).
+
+    When a worker fails, `on_failure(rank, exit code)` runs (a negative code: killed by that
+    signal) and the others get `grace_s` to end by themselves, then SIGTERM, then SIGKILL; quietly,
+    unlike mp.spawn's own join, whose "Terminating process ..." warning would follow the error
+    line. A worker's traceback (a bug) is printed, as mp.spawn's join would raise it.
     """
     def forward(signum: int, frame: object) -> None:
         for process in context.processes:
@@ -242,14 +312,58 @@ def join_forwarding_signals(context: mp.ProcessContext) -> int:
 
     previous = {sig: signal.signal(sig, wait_for_workers if sig == signal.SIGINT else forward) for sig in STOP_SIGNALS}
     try:
-        while not context.join():
-            pass
-    except mp.ProcessExitedException as error:
-        return error.exit_code if error.exit_code > 0 else 128 - error.exit_code  # -N: killed by signal N
+        failed = _first_failure(context)
+        if failed is not None:
+            if on_failure is not None:
+                on_failure(*failed)
+            _stop_workers(context, grace_s)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return 0
+    if failed is None:
+        return 0
+    _print_worker_traceback(context, failed[0])
+    exit_code = failed[1]
+    return exit_code if exit_code > 0 else 128 - exit_code  # -N: killed by signal N
+
+
+def _first_failure(context: mp.ProcessContext) -> tuple[int, int] | None:
+    """(rank, exit code) of the first worker to end with a non-zero status; None when all succeed."""
+    pending = {process.sentinel: index for index, process in enumerate(context.processes)}
+    while pending:
+        for sentinel in multiprocessing.connection.wait(list(pending)):
+            index = pending.pop(sentinel)
+            process = context.processes[index]
+            process.join()
+            if process.exitcode != 0:
+                return index, process.exitcode
+    return None
+
+
+def _stop_workers(context: mp.ProcessContext, grace_s: float) -> None:
+    for stop in (None, "terminate", "kill"):
+        if stop is not None:
+            for process in context.processes:
+                if process.is_alive():
+                    getattr(process, stop)()
+        deadline = time.monotonic() + grace_s
+        for process in context.processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+        if not any(process.is_alive() for process in context.processes):
+            return
+
+
+def _print_worker_traceback(context: mp.ProcessContext, first: int) -> None:
+    """mp.spawn's wrapper saves the traceback of a worker's uncaught exception (a bug, since the
+    front door reports the rest) in a file: the first failed worker's, else any other's."""
+    for index in [first, *range(len(context.processes))]:
+        try:
+            with open(context.error_files[index], "rb") as file:
+                trace = pickle.load(file)
+        except (OSError, EOFError, pickle.UnpicklingError):
+            continue
+        print(f"-- process {index} (rank {index}) ended with this error:\n{trace}", file=sys.stderr, end="", flush=True)
+        return
 
 
 def restart_safe_store() -> dist.Store | None:

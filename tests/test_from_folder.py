@@ -5,6 +5,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from collections import Counter, defaultdict
 from io import BytesIO
 from pathlib import Path
@@ -305,6 +306,98 @@ def test_a_failed_write_leaves_nothing_behind_and_the_previous_output_intact(tre
     assert leftovers(tmp_path) == []
 
 
+def test_a_rebuild_refused_by_permissions_leaves_nothing_aside(tree: Path, tmp_path: Path, monkeypatch):
+    out = tmp_path / "out"
+    convert(tree, out)
+    before = partition_bytes(out)
+    real_rename = os.rename
+
+    def refuse_moving_out(source, target):
+        if Path(source) == out:
+            raise PermissionError(errno.EACCES, "Permission denied", str(source))
+        real_rename(source, target)
+
+    monkeypatch.setattr(from_folder.os, "rename", refuse_moving_out)
+    with pytest.raises(PermissionError):
+        convert(tree, out, seed=3)
+    assert partition_bytes(out) == before and leftovers(tmp_path) == []
+
+
+SLOW_COPY = """
+import sys, time
+from arcface import from_folder
+real_place = from_folder._place
+def place_then_hang(source, target, copy):
+    kind = real_place(source, target, copy)
+    time.sleep(600)  # killed here, one image into its staging folder
+from_folder._place = place_then_hang
+from_folder.convert(sys.argv[1], sys.argv[2], copy=True)
+"""
+
+
+def dead_pid() -> int:
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()
+    return done.pid
+
+
+def test_a_run_killed_mid_copy_leaves_a_folder_that_the_next_run_removes(tree: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    killed = subprocess.Popen([sys.executable, "-c", SLOW_COPY, str(tree), str(out)], cwd=REPO)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(tmp_path.glob(".out.partial-*/Img/img/*/*")):
+            assert killed.poll() is None and time.monotonic() < deadline, "no staging folder appeared"
+            time.sleep(0.05)
+    finally:
+        killed.kill()
+        killed.wait()
+    left = leftovers(tmp_path)
+    assert len(left) == 1 and f"-{killed.pid}-" in left[0]
+    summary = convert(tree, out)
+    assert summary.leftovers == (left[0],) and leftovers(tmp_path) == []
+    assert "removed 1 folder(s) that killed runs left next to OUT" in from_folder.format_summary(summary)
+
+
+def test_only_dead_runs_leftovers_are_removed_and_a_moved_aside_root_comes_back(tree: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    convert(tree, out, seed=5)
+    before = partition_bytes(out)
+    prefix = lambda kind, pid: from_folder._work_prefix(out, kind).replace(f"-{os.getpid()}-", f"-{pid}-")
+    aside = tmp_path / f"{prefix('previous', dead_pid())}x1"  # killed between its two renames
+    aside.mkdir()
+    out.rename(aside / "root")
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        kept = [tmp_path / f"{prefix('partial', live.pid)}x2", tmp_path / f".other.partial-{dead_pid()}-x3",
+                tmp_path / f"{prefix('partial', dead_pid())}x4".replace(from_folder._host(), "another-host")]
+        for folder in kept:
+            folder.mkdir()
+        assert from_folder.remove_leftovers(out) == [aside.name]
+        assert partition_bytes(out) == before  # the root moved aside is OUT again
+        assert all(folder.is_dir() for folder in kept)
+    finally:
+        live.kill()
+        live.wait()
+
+
+# ---- identical images in two classes ----
+
+
+def test_identical_images_in_two_classes_are_counted_and_only_files_of_equal_size_are_hashed(tmp_path: Path, monkeypatch):
+    tree = make_tree(tmp_path / "images", {"a": 2, "b": 2, "c": 2})
+    (tree / "c" / "copy.jpg").write_bytes((tree / "a" / "00.jpg").read_bytes())
+    Image.new("RGB", (40, 30), (1, 2, 3)).save(tree / "b" / "big.png", format="PNG")  # a size no other file has
+    hashed = []
+    real_digest = from_folder._digest
+    monkeypatch.setattr(from_folder, "_digest", lambda path: hashed.append(path.name) or real_digest(path))
+    summary = convert(tree, tmp_path / "out")
+    assert summary.tree.duplicates == (("a/00.jpg", "c/copy.jpg"),)
+    assert "big.png" not in hashed
+    assert "warning: 2 images in 1 group(s) have the same bytes as an image of another class" in \
+        from_folder.format_summary(summary)
+
+
 # ---- bad trees and arguments, through the command line ----
 
 
@@ -360,6 +453,18 @@ def _broken_link(tmp_path):
     tree = _tree(tmp_path, {"a": 2, "b": 2})
     (tree / "a" / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")
     return [tree], "a/gone.jpg (a broken link)"
+
+
+def _class_link(tmp_path):
+    tree = _tree(tmp_path, {"a": 2, "b": 2})
+    (tree / "z").symlink_to("a", target_is_directory=True)
+    return [tree], f"{tree / 'z'}: a link to class folder {tree / 'a'}: the same images would be in two classes"
+
+
+def _image_link_into_another_class(tmp_path):
+    tree = _tree(tmp_path, {"a": 2, "b": 2})
+    (tree / "b" / "borrowed.jpg").symlink_to(tree / "a" / "00.jpg")
+    return [tree], f"{tree / 'b' / 'borrowed.jpg'}: a link to {tree / 'a' / '00.jpg'}, an image of class folder 'a'"
 
 
 def _animated_gif(tmp_path):
@@ -425,7 +530,8 @@ def _out_inside_images(tmp_path):
 BAD_TREES = {
     "missing": _missing, "a-file": _a_file, "empty": _empty, "one-class-folder": _one_class_folder,
     "empty-class": _empty_class, "nested": _nested, "not-an-image": _not_an_image, "corrupt": _corrupt_image,
-    "broken-link": _broken_link, "animated-gif": _animated_gif, "too-many-pixels": _too_many_pixels,
+    "broken-link": _broken_link, "class-link": _class_link, "image-link-into-another-class": _image_link_into_another_class,
+    "animated-gif": _animated_gif, "too-many-pixels": _too_many_pixels,
     "not-utf8": _not_utf8, "whitespace-collision": _whitespace_collision, "one-class": _one_class,
     "no-searchable-class": _no_searchable_class, "all-to-test": _all_to_test, "no-test-class": _no_test_class,
     "out-not-ours": _out_not_ours, "out-for-other-images": _out_for_other_images,

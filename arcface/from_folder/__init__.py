@@ -27,13 +27,22 @@ so that ``--data_root OUT`` trains on it with every launcher and tool. The rules
   each split); an empty class folder; a file that is not a JPEG, PNG, GIF or WebP image by its
   header (what the loader decodes), an animated GIF, or an image whose header claims more than
   ``max_pixels`` pixels (the loader would refuse them mid-training); an unreadable file; a name
-  that is not UTF-8. Skipped and counted: hidden files and folders (``.*``), Thumbs.db,
+  that is not UTF-8; a class folder that is a link to another class folder, or an image that is a
+  link into another class folder (the same images would be train under one name and query or
+  gallery under the other: the test split would leak). Skipped and counted: hidden files and folders (``.*``), Thumbs.db,
   desktop.ini and __MACOSX, and files at the top level of IMAGES (ImageFolder ignores them too).
+- Images with the same bytes in two classes (copies, hard links) are not refused, since a real
+  data set may hold genuine duplicates, but the summary warns with their count and the first
+  groups. Only files whose size equals that of a file in another class are hashed, so the check
+  costs a stat per image on a real tree.
 - The partition file is whitespace-separated, so whitespace in a class or file name becomes "_"
   in OUT (the class "golden retriever" has the item id ``golden_retriever``); two names that
   become the same are refused.
-- OUT is built in a temporary sibling folder and renamed into place, so a crash leaves no half
-  root. An existing OUT must be empty, or a previous output of this command (it holds
+- OUT is built in a sibling folder ``.OUT.partial-HOST-PID-*`` and renamed into place, so a crash
+  leaves no half root; a rebuild moves the old root aside to ``.OUT.previous-HOST-PID-*`` first.
+  A run killed (SIGKILL, power cut) leaves those folders behind: the next run for OUT removes the
+  ones of processes of this machine that no longer exist, never a live run's, and gives OUT back
+  when a run was killed between its two renames. An existing OUT must be empty, or a previous output of this command (it holds
   from_folder.json and nothing but Eval/, Img/ and that file) for the same IMAGES, which is
   rebuilt; one made from other IMAGES is replaced only with ``force``. A folder this command
   did not write is never deleted.
@@ -48,8 +57,12 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
+import socket
+import sys
 import tempfile
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +96,7 @@ class Tree:
     skipped: tuple[str, ...]  # hidden and system files and folders, relative to root
     top_level_files: tuple[str, ...]  # files directly in IMAGES, in no class: ignored
     renamed: tuple[tuple[str, str], ...]  # (path relative to root, its new name) for names with whitespace
+    duplicates: tuple[tuple[str, ...], ...] = ()  # images with the same bytes in 2+ classes, relative to root
 
 
 @dataclass(frozen=True)
@@ -104,6 +118,7 @@ class Summary:
     out: Path
     links: dict[str, int]  # LINK_KINDS -> how many images were written that way
     replaced: bool  # OUT held a previous output, now replaced
+    leftovers: tuple[str, ...] = ()  # folders that killed runs left next to OUT, removed
 
 
 # ---- reading the tree ----
@@ -131,6 +146,7 @@ def scan_tree(images: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> 
         hint = "; if IMAGES is one class's folder, pass the folder above it" if top_level_files else ""
         raise DataError(f"{root}: no class folders ({found}); {EXPECTED_TREE}{hint}")
     _check_names(root, [entry.name for entry in class_entries])
+    class_paths = _class_paths(root, class_entries)
 
     nested: list[str] = []
     bad_files: list[str] = []
@@ -146,6 +162,8 @@ def scan_tree(images: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> 
             elif entry.is_dir():
                 nested.append(relative)
             else:
+                if entry.is_symlink():
+                    _check_link_stays_in_its_class(folder / entry.name, class_entry.name, class_paths)
                 reason = _image_problem(folder / entry.name, max_pixels)
                 if reason:
                     bad_files.append(f"{root / relative} ({reason})")
@@ -171,7 +189,62 @@ def scan_tree(images: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> 
     if empty:
         raise DataError(f"{root}: {len(empty)} class folder(s) hold no images: {_listing(empty)}; "
                         "remove them or add images")
-    return Tree(root, tuple(classes), tuple(skipped), tuple(top_level_files), tuple(renamed))
+    return Tree(root, tuple(classes), tuple(skipped), tuple(top_level_files), tuple(renamed),
+                find_duplicates(classes))
+
+
+def find_duplicates(classes: list[ClassFolder] | tuple[ClassFolder, ...]) -> tuple[tuple[str, ...], ...]:
+    """Groups of images with the same bytes in two or more classes ("class/name", sorted). Only
+    files whose size equals that of a file in another class are read and hashed: on a real tree
+    few are, so this costs a stat per image, not a second read of the tree."""
+    by_size: dict[int, list[tuple[str, Path]]] = defaultdict(list)
+    for cls in classes:
+        for source, _ in cls.images:
+            by_size[source.stat().st_size].append((cls.name, source))
+    groups: list[tuple[str, ...]] = []
+    for candidates in by_size.values():
+        if len({name for name, _ in candidates}) < 2:
+            continue
+        by_digest: dict[str, list[tuple[str, Path]]] = defaultdict(list)
+        for name, source in candidates:
+            by_digest[_digest(source)].append((name, source))
+        groups += [tuple(sorted(f"{name}/{source.name}" for name, source in same))
+                   for same in by_digest.values() if len({name for name, _ in same}) >= 2]
+    return tuple(sorted(groups))
+
+
+def _digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _class_paths(root: Path, class_entries: list[os.DirEntry]) -> dict[Path, str]:
+    """Each class folder's real path -> its name; DataError if two are the same folder (a link to
+    another class): its images would be train under one name and query or gallery under the other."""
+    first_of: dict[Path, str] = {}
+    for entry in class_entries:
+        real = (root / entry.name).resolve()
+        other = first_of.setdefault(real, entry.name)
+        if other != entry.name:
+            link, target = (entry.name, other) if entry.is_symlink() else (other, entry.name)
+            where = "" if real == Path(os.path.abspath(root / target)) else f" ({real})"
+            raise DataError(f"{root / link}: a link to class folder {root / target}{where}: the same images "
+                            f"would be in two classes, and the test split would hold images trained on; "
+                            f"remove the link, or merge the classes")
+    return first_of
+
+
+def _check_link_stays_in_its_class(path: Path, class_name: str, class_paths: dict[Path, str]) -> None:
+    """DataError if the linked image lies in another class folder: the same file in two classes."""
+    real = path.resolve()
+    for folder in real.parents:
+        other = class_paths.get(folder)
+        if other is not None and other != class_name:
+            raise DataError(f"{path}: a link to {real}, an image of class folder {other!r}: the same image "
+                            f"would be in two classes; remove the link or one of the images")
 
 
 def _sorted_entries(folder: Path) -> list[os.DirEntry]:
@@ -384,11 +457,12 @@ def convert(
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
         raise ValueError(f"max_pixels: expected a positive integer, got {max_pixels!r}")
     images, out = Path(images), Path(out)
+    leftovers = remove_leftovers(out)  # first: a run killed between its renames gives OUT back
     replace = check_out(images, out, force)  # before reading thousands of headers
     tree = scan_tree(images, max_pixels)
     split = split_classes(tree, test_fraction, seed)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    staging = Path(tempfile.mkdtemp(prefix=_work_prefix(out, "partial"), dir=out.parent))
     try:
         os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private; OUT gets a plain folder's mode
         links = write_images(split, staging / "Img", copy)
@@ -400,7 +474,7 @@ def convert(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return Summary(tree, split, out, links, replace)
+    return Summary(tree, split, out, links, replace, tuple(leftovers))
 
 
 def _umask() -> int:
@@ -418,15 +492,66 @@ def _move_into_place(staging: Path, out: Path, replace: bool) -> None:
     if not replace:
         os.rename(staging, out)  # an empty out is replaced; a non-empty one (a race) raises
         return
-    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.previous-", dir=out.parent))
-    os.rename(out, aside / "root")
+    aside = Path(tempfile.mkdtemp(prefix=_work_prefix(out, "previous"), dir=out.parent))
+    try:
+        os.rename(out, aside / "root")
+    except BaseException:
+        aside.rmdir()  # OUT cannot be moved (permissions): nothing was changed
+        raise
     try:
         os.rename(staging, out)
     except BaseException:
         os.rename(aside / "root", out)
         aside.rmdir()
         raise
-    shutil.rmtree(aside)  # removes the links, never what they point to
+    # Removes the links, never what they point to; what cannot be removed now, the next run will.
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _work_prefix(out: Path, kind: str) -> str:
+    """The name start of a working folder next to OUT: ".OUT.partial-HOST-PID-" (the new root being
+    written) or ".OUT.previous-HOST-PID-" (the old root, moved aside): whose it is, so that a later
+    run removes it only once that process is gone (`remove_leftovers`)."""
+    return f".{out.name}.{kind}-{_host()}-{os.getpid()}-"
+
+
+def _host() -> str:
+    # A folder next to OUT may be on a file system that other machines share; their processes
+    # are not ours to look up.
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "localhost"
+
+
+def remove_leftovers(out: Path) -> list[str]:
+    """Removes the working folders that runs of this command for OUT left next to it when they were
+    killed (SIGKILL, a power cut), and only those: named for OUT, made on this machine by a process
+    that no longer exists; a live run's folder is never touched. A run killed between its two
+    renames left OUT missing and the previous root aside: it is renamed back first. The names removed.
+    """
+    if not out.parent.is_dir():
+        return []
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(partial|previous)-{re.escape(_host())}-(\d+)-[^/]+")
+    removed = []
+    for path in sorted(out.parent.iterdir()):
+        found = pattern.fullmatch(path.name)
+        if found is None or path.is_symlink() or not path.is_dir() or _alive(int(found[2])):
+            continue
+        if found[1] == "previous" and (path / "root").is_dir() and not os.path.lexists(out):
+            os.rename(path / "root", out)
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path.name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid() or sys.platform == "win32":  # Windows' os.kill would end the process
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: no signal, only whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 # ---- the summary the command prints ----
@@ -443,6 +568,11 @@ def format_summary(summary: Summary) -> str:
     if split.single_image:
         lines.append(f"  {len(split.single_image)} class(es) with a single image cannot be searched, so they are "
                      f"train classes, not test: {_listing(list(split.single_image))}")
+    if tree.duplicates:
+        shown = [" = ".join(group[:2]) + (f" (+{len(group) - 2})" if len(group) > 2 else "") for group in tree.duplicates]
+        lines.append(f"  warning: {sum(map(len, tree.duplicates))} images in {len(tree.duplicates)} group(s) have the "
+                     f"same bytes as an image of another class (a test image may match its own copy, or be "
+                     f"trained on under another name): {_listing(shown)}")
     if tree.renamed:
         shown = [f"{old!r} -> {new!r}" for old, new in tree.renamed]
         lines.append(f"  {len(tree.renamed)} name(s) with whitespace renamed in OUT: {_listing(shown)}")
@@ -456,6 +586,9 @@ def format_summary(summary: Summary) -> str:
     lines.append(f"  images: {made}" + _link_note(summary.links))
     if summary.replaced:
         lines.append("  replaced the previous output")
+    if summary.leftovers:
+        lines.append(f"  removed {len(summary.leftovers)} folder(s) that killed runs left next to OUT: "
+                     f"{_listing(list(summary.leftovers))}")
     lines.append(f"wrote {summary.out / PARTITION_FILE}; train on it with --data_root {summary.out}")
     return "\n".join(lines)
 
