@@ -322,7 +322,7 @@ def _coerce(key: str, value: Any, where: str) -> Any:
     else:  # tuple[int, ...]
         if isinstance(value, int) and not isinstance(value, bool):
             value = [value]
-        ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
         value = tuple(value) if ok else value
     if not ok:
         raise ConfigError(f"{where}{key}: expected {_type_name(kind)}, got {value!r}")

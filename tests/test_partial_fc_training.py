@@ -73,7 +73,7 @@ def test_partial_fc_at_rate_1_trains_like_the_dense_head_and_saves_it_dense(tmp_
     first_eval = lambda s: next(r for r in s.history if "recall@1" in r)
     assert first_eval(sharded)["mAP@10"] == pytest.approx(first_eval(dense)["mAP@10"])
     unclipped = read_snapshot(tmp_path / "dense" / "snapshot.pt").model
-    assert not torch.allclose(unclipped["embedding.weight"], dense["model"]["embedding.weight"])  # clipping bit
+    assert not torch.allclose(unclipped["embedding.weight"], dense.model["embedding.weight"])  # clipping bit
 
 
 @pytest.mark.parametrize("rate", [1.0, pytest.param(0.5, marks=pytest.mark.slow)])
