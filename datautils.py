@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from arcface.inshop import InShop
+from arcface.model import preprocessing_for
 from arcface.synthetic import GENERATOR_VERSION, generate_inshop
 from arcface.transforms import test_transform, train_transform
 from support import runtime
@@ -23,12 +24,17 @@ from support.schedule import Schedule
 
 
 def load_datasets(cfg: Config) -> tuple[InShop, InShop, InShop]:
-    """The train, query and gallery sets of cfg.data_root, or of the synthetic demo set."""
+    """The train, query and gallery sets of cfg.data_root, or of the synthetic demo set, normalised
+    and resized as the backbone's weights expect (`preprocessing_for(cfg.arch)`, which the snapshot
+    records for the tools)."""
     root = Path(cfg.data_root) if cfg.data_root else synthetic_root(cfg)
     limit = cfg.max_image_pixels  # checked against each image's header before it is decoded
-    return (InShop(root, "train", transform=train_transform(cfg.resize, cfg.crop), max_pixels=limit),
-            InShop(root, "query", transform=test_transform(cfg.resize, cfg.crop), max_pixels=limit),
-            InShop(root, "gallery", transform=test_transform(cfg.resize, cfg.crop), max_pixels=limit))
+    preprocessing = preprocessing_for(cfg.arch).transform_kwargs()
+    train = train_transform(cfg.resize, cfg.crop, **preprocessing)
+    test = test_transform(cfg.resize, cfg.crop, **preprocessing)
+    return (InShop(root, "train", transform=train, max_pixels=limit),
+            InShop(root, "query", transform=test, max_pixels=limit),
+            InShop(root, "gallery", transform=test, max_pixels=limit))
 
 
 def synthetic_root(cfg: Config) -> Path:

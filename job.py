@@ -19,6 +19,7 @@ from arcface.model import (
     build_model,
     load_pretrained_backbone,
 )
+from arcface.param_groups import describe, param_groups
 from arcface.partial_fc import PartialFCHead
 from datautils import load_datasets
 from support import runtime
@@ -44,7 +45,7 @@ def load_train_objs(cfg: Config) -> TrainObjects:
     model = build_model(
         num_classes=train_set.num_classes, arch=cfg.arch, pooling=cfg.pooling,
         embedding_dim=cfg.embedding_dim or None, scale=cfg.scale, margin=cfg.margin_file or cfg.margin,
-        sub_centers=cfg.sub_centers, easy_margin=cfg.easy_margin, image_size=cfg.crop,
+        sub_centers=cfg.sub_centers, easy_margin=cfg.easy_margin, image_size=cfg.crop, drop_path=cfg.drop_path,
     )
     if cfg.partial_fc:
         # The dense head is built first, so a sharded run starts where a dense one does.
@@ -54,8 +55,10 @@ def load_train_objs(cfg: Config) -> TrainObjects:
         if runtime.is_main_process():
             print(pretrained_summary(cfg.pretrained, report), flush=True)
     schedule = make_schedule(cfg, len(train_set))
-    return TrainObjects(train_set, query_set, gallery_set, model, make_optimizer(cfg, model, schedule),
-                        schedule)
+    optimizer = make_optimizer(cfg, model, schedule)
+    if runtime.is_main_process() and len(optimizer.param_groups) > 1:
+        print(optimizer_summary(cfg, optimizer, schedule), flush=True)
+    return TrainObjects(train_set, query_set, gallery_set, model, optimizer, schedule)
 
 
 def pretrained_summary(source: str, report: BackboneLoadReport) -> str:
@@ -68,6 +71,35 @@ def pretrained_summary(source: str, report: BackboneLoadReport) -> str:
 
 
 def make_optimizer(cfg: Config, model: nn.Module, schedule: Schedule) -> torch.optim.Optimizer:
-    """SGD; the Trainer sets each step's learning rate from the schedule."""
-    return torch.optim.SGD(model.parameters(), lr=schedule.base_lr, momentum=cfg.momentum,
+    """SGD (momentum, Nesterov) or AdamW (adam_beta1/2, adam_eps; decoupled weight decay) over the
+    parameter groups of arcface/param_groups.py.
+
+    Each parameter group carries its weight decay and an `lr_scale`; the Trainer sets a group's
+    learning rate to `schedule.lr[step] x lr_scale` every step:
+      - weight decay: cfg.weight_decay, or 0 for biases, norm weights, other 1-d parameters,
+        position embeddings and class tokens when decay_norm_and_bias is false;
+      - lr_scale: head_lr_mult for the ArcFace head (`head.*`, also a Partial FC shard); with
+        layer_decay d < 1, d^(L+1) for the trunk's stem, d^(L+1-i) for its block i of L and 1
+        for what follows the blocks; 1 for everything else.
+    The defaults (decay on everything, d = 1, head_lr_mult = 1) give one group of all parameters
+    with lr_scale 1: the plain optimizer of the reference recipe, step for step.
+    """
+    groups = param_groups(model, cfg.weight_decay, decay_norm_and_bias=cfg.decay_norm_and_bias,
+                          layer_decay=cfg.layer_decay, head_lr_mult=cfg.head_lr_mult)
+    for group in groups:
+        group["lr"] = schedule.base_lr * group["lr_scale"]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=schedule.base_lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                 eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(groups, lr=schedule.base_lr, momentum=cfg.momentum,
                            weight_decay=cfg.weight_decay, nesterov=cfg.nesterov and cfg.momentum > 0)
+
+
+def optimizer_summary(cfg: Config, optimizer: torch.optim.Optimizer, schedule: Schedule) -> str:
+    """One line: the optimizer, its groups' range of peak learning rates and who decays."""
+    rows = describe(optimizer.param_groups, schedule.base_lr)
+    lrs = [lr for _, _, lr in rows]
+    decayed = sum(count for count, decay, _ in rows if decay)
+    spared = sum(count for count, decay, _ in rows if not decay)
+    return (f"optimizer: {cfg.optimizer}, {len(rows)} parameter groups, peak lr {min(lrs):.3g} to {max(lrs):.3g}; "
+            f"weight decay {cfg.weight_decay:g} on {decayed} tensors, none on {spared}")

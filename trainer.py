@@ -228,7 +228,9 @@ class Trainer:
         """scale -> backward (done) -> unscale_ -> clip -> step -> update: clipping sees true gradients."""
         lr = float(self.schedule.lr[step])
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            # A group's multiple of the schedule (job.make_optimizer): layer decay, the head's
+            # multiple. Snapshots from before groups had one hold no lr_scale: 1.
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         if self.cfg.clip_grad_norm > 0:
             self.scaler.unscale_(self.optimizer)
             clip_grad_norm_(self.raw_model, self.cfg.clip_grad_norm)

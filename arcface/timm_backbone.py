@@ -30,6 +30,7 @@ import difflib
 import functools
 import importlib
 import os
+import re
 import sys
 from dataclasses import dataclass
 from types import ModuleType
@@ -123,6 +124,7 @@ class _Probe:
     patch_size: tuple[int, int] | None  # of a model that takes img_size and cuts patches
     gem_pool: str | None  # the global average pool GeM can replace, by module path
     pooling: str  # how the model pools, for messages
+    layered: bool  # says where its blocks are (layer decay can run over them)
 
 
 class _Unbuildable(Exception):
@@ -158,8 +160,10 @@ def _probe(model_name: str, image_size: int) -> _Probe:
     token_pool = getattr(model, "global_pool", None)
     pooling = (f"pools {_TOKEN_POOLS.get(token_pool, repr(token_pool))} (global_pool={token_pool!r})"
                if isinstance(token_pool, str) and gem_pool is None else "has no global average pool GeM can replace")
+    keys = layer_keys(model)
+    layered = keys is not None and any(key is not None for key in keys.values())
     return _Probe(pooled.shape[1], "img_size" in accepted, "drop_path_rate" in accepted,
-                  tuple(patch) if patch and "img_size" in accepted else None, gem_pool, pooling)
+                  tuple(patch) if patch and "img_size" in accepted else None, gem_pool, pooling, layered)
 
 
 def _create(model_name: str, optional: dict[str, object], **kwargs: object) -> tuple[nn.Module, set[str]]:
@@ -286,6 +290,43 @@ def build(arch: str, pooling: str = "avg", image_size: int = 224,
     if pooling == "gem":
         _use_gem(model, probe.gem_pool)
     return model, probe.pooled_dim
+
+
+def has_layers(arch: str, image_size: int = 224) -> bool:
+    """Whether the timm model of `arch` says where its blocks are (layer decay can run over them)."""
+    return _probe(parse_arch(arch).model_name, image_size).layered
+
+
+# timm's marker (MATCH_PREV_GROUP) for parameters that join the group before them: its models put
+# their final norm into the last block with it.
+_WITH_PREVIOUS = (99999,)
+
+
+def layer_keys(model: nn.Module) -> dict[str, tuple[float, ...] | None] | None:
+    """{parameter name: layer key} from the model's group_matcher(coarse=False), or None when it
+    has no such matcher. A key is (group ordinal, numbers the pattern captured..., suffix), sorted
+    input to output as timm sorts them: (0, ...) the stem, (1, ...) the blocks; None for what
+    follows the blocks (parameters no pattern takes, and the final norms timm adds to the last
+    block). Patterns are tried in order and anchored at the start of the name, as timm does."""
+    matcher = getattr(model, "group_matcher", None)
+    spec = matcher(coarse=False) if callable(matcher) else None
+    if not isinstance(spec, dict):
+        return None
+    rules = []
+    for ordinal, entries in enumerate(spec.values()):
+        for pattern, suffix in ([(entries, None)] if isinstance(entries, str) else entries or ()):
+            rules.append((re.compile(pattern), ordinal, tuple(suffix or ())))
+    keys: dict[str, tuple[float, ...] | None] = {}
+    for name, _ in model.named_parameters():
+        rule = next(((match, ordinal, suffix) for pattern, ordinal, suffix in rules
+                     if (match := pattern.match(name))), None)
+        if rule is None or rule[2] == _WITH_PREVIOUS:
+            keys[name] = None
+            continue
+        match, ordinal, suffix = rule
+        numbers = [float(group) for group in match.groups() if group is not None]
+        keys[name] = (float(ordinal), *numbers, *map(float, suffix))
+    return keys
 
 
 def preprocessing(arch: str) -> Preprocessing:

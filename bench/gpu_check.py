@@ -1,4 +1,4 @@
-"""GPU check: a short real training run, then ResNet-50 training and inference throughput.
+"""GPU check: a short real training run, ResNet-50 and the foundation recipes' ViTs' training speed.
 
     python bench/gpu_check.py [--budget_s 320] [--out DIR] [--compile_backend inductor|eager|off]
     python bench/gpu_check.py --quick      # CPU, tiny sizes: exercises every section in seconds
@@ -20,11 +20,17 @@ fit in what is left of --budget_s is skipped and says so):
   trainer      Trainer._run_epoch at the best 224 px batch: the project's own step path, with
                the batch on the GPU, then copied each step from pageable and from pinned host memory
   cudnn        the best 224 px batch again with torch.backends.cudnn.benchmark = True
+  <recipe>_train, <recipe>_compile
+               the ViTs of configs/inshop_vits16_dino.toml (ViT-S/16) and inshop_vitb16_clip.toml
+               (ViT-B/16) at 224 px, bf16, random weights: training images/s (the recipe's AdamW
+               over its parameter groups, layer decay and head multiple included; batch search),
+               inference, then torch.compile at the best batch. Skipped where timm is missing.
 
 Throughput is timed after warm-up steps, between torch.cuda.synchronize() calls. The summary gives
 images/s, peak memory, and what one In-Shop epoch (25,882 training images), its evaluation
 (26,830 query + gallery images) and the 50-epoch recipe (50 epochs + 51 evaluations) would take
-at those speeds, ignoring data loading. Results go to stdout and, after every section, to
+at those speeds, and the hours of each ViT recipe (its total_epochs and evaluations), ignoring
+data loading. Results go to stdout and, after every section, to
 <out>/gpu_check.json (--out, else $OUT when set). Without CUDA and without --quick the script
 prints "no CUDA device: skipping" and exits 0. Exit status 1 when a section failed.
 """
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import math
 import os
@@ -42,7 +49,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +61,7 @@ sys.path.insert(0, str(ROOT))  # run from anywhere without installing
 
 from arcface.model import build_model  # noqa: E402
 from bench.bench_trainer import BatchLoader  # noqa: E402
-from support.config import Config  # noqa: E402
+from support.config import Config, load_toml  # noqa: E402
 from job import make_optimizer  # noqa: E402
 from support.schedule import make_schedule  # noqa: E402
 from support.atomicfile import atomic_write_text  # noqa: E402
@@ -66,6 +73,9 @@ TRAIN_IMAGES = 25_882
 EVAL_IMAGES = 14_218 + 12_612  # query + gallery
 RECIPE_EPOCHS = 50
 TARGET_224_IMAGES_PER_S = 3000.0
+# The foundation recipes whose ViTs are timed, by config file.
+VIT_RECIPES = ("inshop_vits16_dino", "inshop_vitb16_clip")
+VIT_BATCHES = {"inshop_vits16_dino": (128, 256, 512), "inshop_vitb16_clip": (64, 128, 256)}
 
 
 @dataclass
@@ -82,6 +92,7 @@ class Plan:
     compile_backend: str  # "inductor", "eager" (dynamo only, no code generation) or "off"
     launcher_env: dict[str, str] = field(default_factory=dict)
     seconds_needed: dict[str, float] = field(default_factory=dict)  # section -> estimate
+    recipe: Config | None = None  # a recipe's model settings and optimizer (None: ResNet-50 with SGD)
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
@@ -93,7 +104,7 @@ def full_plan(compile_backend: str) -> Plan:
         device=torch.device("cuda"), arch="resnet50", batches={224: (128, 256, 384), 448: (32, 64, 96)},
         eval_batch=256, warmup_steps=5, timed_steps=15, amp="bf16", compile_backend=compile_backend,
         seconds_needed={"correctness": 90, "train": 45, "inference": 15, "trainer": 45, "cudnn": 20,
-                        "compile": 90},
+                        "compile": 90, "vit_train": 45, "vit_compile": 90},
     )
 
 
@@ -103,7 +114,8 @@ def quick_plan(compile_backend: str) -> Plan:
         device=torch.device("cpu"), arch="resnet18", batches={32: (2, 4), 48: (2,)},
         eval_batch=4, warmup_steps=1, timed_steps=2, amp="off", compile_backend=compile_backend,
         launcher_env={"OMP_NUM_THREADS": "1"},
-        seconds_needed={"correctness": 20, "train": 5, "inference": 2, "trainer": 5, "cudnn": 5, "compile": 15},
+        seconds_needed={"correctness": 20, "train": 5, "inference": 2, "trainer": 5, "cudnn": 5, "compile": 15,
+                        "vit_train": 5, "vit_compile": 15},
     )
 
 
@@ -246,13 +258,19 @@ def synthetic_batch(batch: int, size: int, device: torch.device) -> tuple[torch.
     return images, labels
 
 
-def new_model(plan: Plan) -> nn.Module:
+def new_model(plan: Plan, size: int) -> nn.Module:
+    """The plan's model for `size` px images (random weights: nothing is downloaded)."""
     torch.manual_seed(0)
-    return build_model(NUM_CLASSES, arch=plan.arch).to(plan.device, memory_format=torch.channels_last)
+    recipe = plan.recipe
+    settings = dict(scale=recipe.scale, margin=recipe.margin, drop_path=recipe.drop_path) if recipe else {}
+    model = build_model(NUM_CLASSES, arch=plan.arch, image_size=size, **settings)
+    return model.to(plan.device, memory_format=torch.channels_last)
 
 
-def recipe_optimizer(model: nn.Module) -> torch.optim.Optimizer:
-    # The recipe's SGD; a tiny lr keeps random-label training finite, at the same cost.
+def recipe_optimizer(plan: Plan, model: nn.Module) -> torch.optim.Optimizer:
+    if plan.recipe is not None:  # the recipe's own optimizer and parameter groups
+        return make_optimizer(plan.recipe, model, make_schedule(plan.recipe, TRAIN_IMAGES, world_size=1))
+    # The reference recipe's SGD; a tiny lr keeps random-label training finite, at the same cost.
     return torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, nesterov=True, weight_decay=5e-4)
 
 
@@ -294,8 +312,8 @@ def time_calls(step: Callable[[], Any], plan: Plan, images_per_call: int) -> dic
 
 
 def measure_training(plan: Plan, size: int, batch: int, compiled: bool) -> dict[str, Any]:
-    model = new_model(plan)
-    optimizer = recipe_optimizer(model)
+    model = new_model(plan, size)
+    optimizer = recipe_optimizer(plan, model)
     forward = model
     if compiled:
         torch._dynamo.reset()  # a fresh compilation: its time is reported, not hidden in a cache
@@ -348,7 +366,7 @@ def compiled_at_best(plan: Plan, size: int, eager: dict[str, Any]) -> dict[str, 
 
 
 def measure_inference(plan: Plan, size: int) -> dict[str, Any]:
-    model = new_model(plan).eval()
+    model = new_model(plan, size).eval()
     batch = plan.eval_batch
     while True:
         images, _ = synthetic_batch(batch, size, plan.device)
@@ -399,7 +417,7 @@ def trainer_epoch_speed(plan: Plan, batch: int, size: int, source: str) -> dict[
         cfg = Config(total_epochs=2, out_dir=out_dir, device=plan.device.type, amp=plan.amp,
                      channels_last=True, batch_size=batch, arch=plan.arch, lr=1e-4, lr_batch_size=batch,
                      warmup_epochs=0.0, num_workers=0, log_every=10)
-        model = new_model(plan)
+        model = new_model(plan, size)
         schedule = make_schedule(cfg, steps * batch)
         loader = BatchLoader([(images, labels)] * steps)
         trainer = Trainer(cfg, model, loader, make_optimizer(cfg, model, schedule), schedule, [], [], plan.device)
@@ -423,6 +441,80 @@ def measure_with_cudnn_benchmark(plan: Plan, size: int, batch: int) -> dict[str,
         torch.backends.cudnn.benchmark = previous
     print_row(row, note="cudnn.benchmark")
     return row
+
+
+# ------------------------------------------------------------------------------------------
+# The foundation recipes' ViTs
+
+
+def vit_plan(plan: Plan, name: str) -> Plan:
+    """The plan of a recipe's ViT: its config's model settings and optimizer, random weights, at its
+    crop (224 px); with --quick the smallest timm ViT at 32 px under the same recipe."""
+    values = {**load_toml(ROOT / "configs" / f"{name}.toml"), "pretrained": "", "data_root": ""}
+    if plan.device.type == "cpu":
+        values.update(arch="timm/vit_tiny_patch16_224", resize=36, crop=32)
+        batches = {32: (2,)}
+    else:
+        batches = {values["crop"]: VIT_BATCHES[name]}
+    return replace(plan, arch=values["arch"], batches=batches, recipe=Config(**values))
+
+
+def vit_training(plan: Plan) -> dict[str, Any]:
+    """Batch search (eager) and inference speed at the recipe's crop, with what the projection needs."""
+    (size,) = plan.batches
+    result = batch_search(plan, size, plan.batches[size], compiled=False)
+    result["inference"] = measure_inference(plan, size)
+    return {**result, "arch": plan.arch, "epochs": plan.recipe.total_epochs, "eval_every": plan.recipe.eval_every}
+
+
+def vit_compiled(plan: Plan, eager: dict[str, Any]) -> dict[str, Any]:
+    (size,) = plan.batches
+    return compiled_at_best(plan, size, eager)
+
+
+def run_vit_sections(plan: Plan, report: Report) -> None:
+    need = plan.seconds_needed
+    if importlib.util.find_spec("timm") is None:
+        for name in VIT_RECIPES:
+            report.add(f"{name}_train", {"skipped": "timm is not installed (pip install timm)"})
+        return
+    eager = {name: report.run(f"{name}_train", need["vit_train"], lambda name=name: vit_training(vit_plan(plan, name)))
+             for name in VIT_RECIPES}
+    for name in VIT_RECIPES:
+        if eager[name] and plan.compile_backend != "off":
+            report.run(f"{name}_compile", need["vit_compile"],
+                       lambda name=name: vit_compiled(vit_plan(plan, name), eager[name]))
+
+
+def evaluations(epochs: int, eval_every: int) -> int:
+    """How many evaluations a run of `epochs` makes: the untrained model, every eval_every, the end."""
+    return len(set(range(0, epochs + 1, eval_every)) | {epochs})
+
+
+def recipe_projection(epochs: int, eval_every: int, train_ips: float, eval_ips: float | None) -> dict[str, float]:
+    """Hours of a recipe's training and of the whole run (its evaluations included) at these speeds."""
+    train_s = epochs * TRAIN_IMAGES / train_ips
+    eval_s = evaluations(epochs, eval_every) * EVAL_IMAGES / eval_ips if eval_ips else float("nan")
+    return {"train_h": train_s / 3600, "run_h": (train_s + eval_s) / 3600}
+
+
+def summarise_recipes(results: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for name in VIT_RECIPES:
+        train = results.get(f"{name}_train") or {}
+        compiled = (results.get(f"{name}_compile") or {}).get("best")
+        for mode, best in (("eager", train.get("best")), ("compiled", compiled)):
+            if best:
+                eval_ips = (train.get("inference") or {}).get("images_per_s")
+                rows.append({"recipe": name, "mode": mode, "batch": best["batch"], "images_per_s": best["images_per_s"],
+                             "epochs": train["epochs"],
+                             **recipe_projection(train["epochs"], train["eval_every"], best["images_per_s"], eval_ips)})
+    if rows:
+        print(f"{'recipe':<20}{'mode':<10}{'batch':>6}{'img/s':>8}{'epochs':>8}{'train h':>9}{'with eval h':>13}")
+    for row in rows:
+        print(f"{row['recipe']:<20}{row['mode']:<10}{row['batch']:>6}{row['images_per_s']:>8.0f}{row['epochs']:>8}"
+              f"{row['train_h']:>9.2f}{row['run_h']:>13.2f}")
+    return rows
 
 
 # ------------------------------------------------------------------------------------------
@@ -466,7 +558,7 @@ def summarise(plan: Plan, results: dict[str, Any]) -> dict[str, Any]:
         print(f"{row['size']:>4} {row['mode']:<9}{row['batch']:>6}{row['images_per_s']:>8.0f}{peak:>9}"
               f"{row['epoch_s']:>9.1f}{row['eval_s']:>8.1f}{row['recipe_h']:>19.2f}")
     at_224 = [row["images_per_s"] for row in rows if row["size"] == 224]
-    summary: dict[str, Any] = {"rows": rows}
+    summary: dict[str, Any] = {"rows": rows, "recipes": summarise_recipes(results)}
     if at_224:
         summary["best_224_images_per_s"] = max(at_224)
         summary["target_224_met"] = max(at_224) >= TARGET_224_IMAGES_PER_S
@@ -494,7 +586,7 @@ def environment(plan: Plan) -> dict[str, Any]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="CPU, tiny sizes: checks the script itself")
-    parser.add_argument("--budget_s", type=float, default=320.0, help="seconds for all sections (default 320)")
+    parser.add_argument("--budget_s", type=float, default=540.0, help="seconds for all sections (default 540)")
     parser.add_argument("--out", default=os.environ.get("OUT") or None, help="folder for gpu_check.json (default $OUT)")
     parser.add_argument("--work_dir", default=None, help="training runs go here (default: a temporary folder)")
     parser.add_argument("--compile_backend", default=None, choices=("inductor", "eager", "off"),
@@ -505,7 +597,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_all(plan: Plan, report: Report, work_dir: Path, skip_correctness: bool) -> None:
     """Cheap, decisive sections first: the first compilation (the likeliest way to reach the 224 px
-    target) comes before the Trainer and cuDNN comparisons, the second compilation last."""
+    target), then the recipes' ViTs, before the Trainer and cuDNN comparisons; the second
+    compilation last."""
     need = plan.seconds_needed
     report.run("environment", 0, lambda: environment(plan))
     if not skip_correctness:
@@ -518,6 +611,7 @@ def run_all(plan: Plan, report: Report, work_dir: Path, skip_correctness: bool) 
     small, large = plan.batches
     if eager[small] and plan.compile_backend != "off":
         report.run(f"compile_{small}", need["compile"], lambda: compiled_at_best(plan, small, eager[small]))
+    run_vit_sections(plan, report)
     if eager[small]:
         best_batch = eager[small]["best"]["batch"]
         report.run("trainer", need["trainer"], lambda: measure_trainer_path(plan, best_batch, small))

@@ -23,10 +23,15 @@ from typing import Any, Iterable, Sequence
 
 from arcface.head import check_margin
 from arcface.metrics import AP_MODES
-from arcface.model import FAMILY_LIST, POOLINGS, check_backbone
+from arcface.model import FAMILY_LIST, POOLINGS, check_backbone, is_timm_arch
+from arcface.param_groups import OPTIMIZERS, check_layer_decay
 from arcface.textfile import DataError, read_text
 from arcface.transforms import MAX_IMAGE_PIXELS, check_sizes
 from support.errors import UserError
+
+
+# The values of `pretrained` that name weights rather than a file.
+PRETRAINED_NAMES = ("", "imagenet", "timm")
 
 
 class ConfigError(UserError, ValueError):
@@ -38,7 +43,8 @@ class ConfigError(UserError, ValueError):
 def _setting(default: Any, help: str, section: str | None = None, metavar: str | None = None, *,
              resumable: bool = False, identity: bool = False, path: str | None = None,
              choices: Sequence[str] | None = None, above: float | None = None,
-             at_least: float | None = None, at_most: float | None = None) -> Any:
+             at_least: float | None = None, at_most: float | None = None,
+             below: float | None = None) -> Any:
     """A Config field with every fact about it, so that adding a field is one line here.
 
     help: its `--help` text; `section` starts a new group of the help there; `metavar` names the
@@ -49,11 +55,11 @@ def _setting(default: Any, help: str, section: str | None = None, metavar: str |
     identity: it decides what a run is; a snapshot made with another value belongs to another run.
     path: "folder" (written to; never ""), "input" (read; "" means none) or "output" (a file
       written; "" means the default); paths are compared by the file they name, not their spelling.
-    choices, above (> x), at_least (>= x), at_most (<= x): the values it accepts.
+    choices, above (> x), at_least (>= x), at_most (<= x), below (< x): the values it accepts.
     """
     facts = {"help": help, "section": section, "metavar": metavar, "resumable": resumable,
              "identity": identity, "path": path, "choices": choices,
-             "above": above, "at_least": at_least, "at_most": at_most}
+             "above": above, "at_least": at_least, "at_most": at_most, "below": below}
     if path not in (None, "folder", "input", "output"):
         raise ValueError(f"_setting: path must be folder, input or output, got {path!r}")
     return field(default=default, metadata={k: v for k, v in facts.items() if v is not None and v is not False})
@@ -109,10 +115,12 @@ class Config:
 
     arch: str = _setting("resnet18", f"backbone: a torchvision {FAMILY_LIST} model by its "
                          "torchvision name, e.g. resnet50, convnext_tiny, efficientnet_b0, vit_b_16; python -c 'import "
-                         "arcface.model as m; print(*m.ARCHS)' lists them", section="model", metavar="ARCH",
-                         identity=True)
-    pretrained: str = _setting("", '"", "imagenet" (torchvision\'s DEFAULT weights of the arch) or a local '
-                               'checkpoint path', path="input")
+                         "arcface.model as m; print(*m.ARCHS)' lists them; or timm/NAME[.TAG], any timm model "
+                         "(pip install timm), e.g. timm/vit_small_patch16_224.dino, whose preprocessing the "
+                         "tag decides", section="model", metavar="ARCH", identity=True)
+    pretrained: str = _setting("", '"", "imagenet" (torchvision\'s DEFAULT weights of a torchvision arch), "timm" '
+                               '(the weights of a timm arch\'s tag) or a local checkpoint path (.safetensors '
+                               'or torch)', path="input")
     pooling: str = _setting("avg", "average or generalised-mean (GeM, learnable p) pooling of the backbone's "
                             "feature map; a ViT has none and embeds with its class token: avg only",
                             identity=True, choices=POOLINGS)
@@ -124,6 +132,8 @@ class Config:
     sub_centers: int = _setting(1, "ArcFace weight vectors per class (1: plain ArcFace)",
                                 identity=True, above=0, at_most=64)
     easy_margin: bool = _setting(False, "margin only where cos > 0, instead of the large-angle fallback")
+    drop_path: float = _setting(0.0, "stochastic depth rate of a timm trunk (timm's drop_path_rate); "
+                                "torchvision trunks keep their builders' own and take 0 only", at_least=0, below=1)
     partial_fc: float = _setting(
         0.0, "0: a dense ArcFace head on every process (DDP). r in (0, 1]: Partial FC, the class "
         "centres sharded over the processes and a fraction r of each shard's negative classes "
@@ -134,9 +144,24 @@ class Config:
                          "to the real total batch (batch_size x processes x grad_accum_steps)",
                          section="optimisation", above=0)
     lr_batch_size: int = _setting(256, "the total batch that lr is given for", above=0, at_most=1_048_576)
+    optimizer: str = _setting("sgd", "sgd (the reference recipe) or adamw (decoupled weight decay, the "
+                              "fine-tuning recipes of foundation backbones)", choices=OPTIMIZERS)
     momentum: float = _setting(0.9, "SGD momentum", at_least=0)
-    nesterov: bool = _setting(True, "Nesterov momentum")
-    weight_decay: float = _setting(5e-4, "SGD weight decay", at_least=0)
+    nesterov: bool = _setting(True, "Nesterov momentum (SGD)")
+    adam_beta1: float = _setting(0.9, "AdamW's beta1 (first-moment decay)", at_least=0, below=1)
+    adam_beta2: float = _setting(0.999, "AdamW's beta2 (second-moment decay)", at_least=0, below=1)
+    adam_eps: float = _setting(1e-8, "AdamW's epsilon", above=0)
+    weight_decay: float = _setting(5e-4, "weight decay: SGD's L2 term, AdamW's decoupled decay", at_least=0)
+    decay_norm_and_bias: bool = _setting(
+        True, "weight decay on every parameter (the reference recipe); false spares biases, norm "
+        "weights, GeM's p and other 1-d parameters, position embeddings, class tokens and Swin's "
+        "relative position tables")
+    layer_decay: float = _setting(
+        1.0, "layer-wise lr decay d over a ViT, ConvNeXt or Swin trunk (torchvision's or any timm model's "
+        "blocks): block i of L trains at lr x d^(L+1-i), the stem at lr x d^(L+1), the final norm, "
+        "pooling, projection and head at lr; 1 is off", above=0, at_most=1)
+    head_lr_mult: float = _setting(1.0, "the ArcFace head's lr as a multiple of lr (dense or Partial FC)",
+                                   above=0, at_most=1000)
     warmup_epochs: float = _setting(0.5, "epochs of linear warm-up (fractions allowed)", at_least=0)
     warmup_factor: float = _setting(0.01, "warm-up starts at warmup_factor * lr", at_least=0)
     min_lr: float = _setting(0.0, "cosine annealing ends here", at_least=0)
@@ -198,9 +223,12 @@ def _validate(cfg: Config) -> None:
         _check_field(f, getattr(cfg, f.name))
     try:
         check_sizes(cfg.resize, cfg.crop)
-        check_backbone(cfg.arch, cfg.pooling, cfg.crop)  # one line naming arch, pooling or crop
+        check_backbone(cfg.arch, cfg.pooling, cfg.crop, cfg.drop_path)  # one line naming the key
+        if cfg.layer_decay < 1:
+            check_layer_decay(cfg.arch, cfg.crop)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    _check_weights_source(cfg)
     if cfg.synthetic_views < 3:
         raise ConfigError(f"synthetic_views: expected >= 3 (a test item needs a query and a gallery view), got {cfg.synthetic_views}")
     for key in ("recall_at", "map_at"):
@@ -232,9 +260,21 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"warmup_epochs: expected at most total_epochs ({cfg.total_epochs}), got {cfg.warmup_epochs}")
 
 
+def _check_weights_source(cfg: Config) -> None:
+    """"imagenet" names torchvision's weights, "timm" a timm tag's: each only for its own kind of arch."""
+    timm = is_timm_arch(cfg.arch)
+    if cfg.pretrained == "imagenet" and timm:
+        raise ConfigError(f'pretrained: "imagenet" means torchvision\'s weights; {cfg.arch} is a timm arch: '
+                          f'use pretrained = "timm" (the weights of its tag) or a checkpoint path')
+    if cfg.pretrained == "timm" and not timm:
+        raise ConfigError(f'pretrained: "timm" loads the weights of a timm arch ("timm/NAME.TAG"); for '
+                          f'torchvision\'s {cfg.arch} use "imagenet" or a checkpoint path')
+
+
 # Upper bounds (at_most) lie far past any real job (the reference recipe: 50 epochs, 512 px, 32
 # images per process, 8 processes), so that no run meets them while an extra zero or a wrong unit
-# stops here, naming the key, instead of later in an allocation error that names nothing.
+# stops here, naming the key, instead of later in an allocation error that names nothing. (A
+# fraction's at_most, such as layer_decay <= 1, is its range instead.)
 def _check_field(f: Field, value: Any) -> None:
     """One field's own rules, from its `_setting`: path, finite, bounds and choices."""
     facts, name = f.metadata, f.name
@@ -251,6 +291,8 @@ def _check_field(f: Field, value: Any) -> None:
         raise ConfigError(f"{name}: expected a value >= {facts['at_least']:g}, got {value!r}")
     if "at_most" in facts and value > facts["at_most"]:
         raise ConfigError(f"{name}: expected a value <= {facts['at_most']}, got {value!r}")
+    if "below" in facts and value >= facts["below"]:
+        raise ConfigError(f"{name}: expected a value < {facts['below']:g}, got {value!r}")
     if "choices" in facts and value not in facts["choices"]:
         raise ConfigError(f"{name}: expected one of {', '.join(facts['choices'])}, got {value!r}")
 
@@ -574,8 +616,9 @@ def check_paths(cfg: Config) -> None:
                           f"with Eval/list_eval_partition.txt and Img/)")
     if cfg.margin_file and not Path(cfg.margin_file).is_file():
         raise ConfigError(f"margin_file: no such file {cfg.margin_file}")
-    if cfg.pretrained not in ("", "imagenet") and not Path(cfg.pretrained).is_file():
-        raise ConfigError(f"pretrained: expected \"imagenet\" or a checkpoint file; no such file {cfg.pretrained}")
+    if cfg.pretrained not in PRETRAINED_NAMES and not Path(cfg.pretrained).is_file():
+        raise ConfigError(f"pretrained: expected \"imagenet\", \"timm\" or a checkpoint file; no such file "
+                          f"{cfg.pretrained}")
     for key, folder in (("out_dir", Path(cfg.out_dir)), ("snapshot", cfg.snapshot_path.parent)):
         if any(parent.exists() and not parent.is_dir() for parent in (folder, *folder.parents)):
             raise ConfigError(f"{key}: {folder} cannot be a folder (a file is in the way)")

@@ -4,7 +4,8 @@ from them, writes and reads the files, checks them, and finds the newest one acr
 A snapshot is one `torch.save` file of tensors and plain data (so `weights_only=True` always loads
 it), holding a `Snapshot`'s fields and a checksum: the unwrapped model's state dict (a Partial FC
 head in the dense layout), optimizer, loss scaler, the position reached, the configuration, the
-metrics history and the RNG state. The Trainer hands its state to `capture` and gets it back from
+metrics history, the RNG state and the preprocessing the images had (mean, std, interpolation),
+which the tools apply. The Trainer hands its state to `capture` and gets it back from
 `restore`; the tools read files through `read_snapshot`, which applies every check the Trainer
 does (format, fields, checksum), without importing the Trainer.
 """
@@ -24,10 +25,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from arcface.model import preprocessing_for
 from arcface.partial_fc import gather_dense_state, shard_dense_state
+from arcface.transforms import IMAGENET, Preprocessing
 from support import runtime
 from support.atomicfile import atomic_torch_save
-from support.config import PATH_FIELDS, RESUMABLE, RUN_IDENTITY, Config, to_plain
+from support.config import PATH_FIELDS, PRETRAINED_NAMES, RESUMABLE, RUN_IDENTITY, Config, to_plain
 from support.errors import UserError, first_line
 from support.schedule import Schedule
 
@@ -75,6 +78,9 @@ class Snapshot:
     history: list[dict[str, Any]]
     best: dict[str, Any]
     rng: dict[str, Any]  # {"torch": CPU generator state, "cuda": one state per CUDA device}
+    # arcface.transforms.Preprocessing.as_dict() of the images the run trained and evaluated on.
+    # Files written before it was recorded lack it; every run then used ImageNet's (the default).
+    preprocessing: dict[str, Any] = field(default_factory=IMAGENET.as_dict)
 
     @property
     def progress(self) -> Progress:
@@ -82,6 +88,8 @@ class Snapshot:
 
 
 SNAPSHOT_KEYS = tuple(f.name for f in fields(Snapshot))
+# Keys a version-2 file may lack (written before they were added); the field's default stands in.
+LATER_KEYS = ("preprocessing",)
 
 
 def position_text(epochs_run: int, step_in_epoch: int) -> str:
@@ -110,6 +118,7 @@ def capture(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.am
         best=dict(progress.best),
         rng={"torch": torch.get_rng_state(),
              "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        preprocessing=preprocessing_for(cfg.arch).as_dict(),  # what datautils.load_datasets applied
     )
 
 
@@ -169,7 +178,7 @@ def read_snapshot(path: str | Path, mmap: bool = False) -> Snapshot:
             f"{path}: snapshot format {version!r}, but this version of the project reads format "
             f"{SNAPSHOT_VERSION} only; use the version that wrote it (to finish or evaluate that run), "
             f"or start a new run in another --out_dir")
-    missing = [key for key in (*SNAPSHOT_KEYS, CHECKSUM_KEY) if key not in raw]
+    missing = [key for key in (*SNAPSHOT_KEYS, CHECKSUM_KEY) if key not in raw and key not in LATER_KEYS]
     if missing:
         raise SnapshotError(f"{path}: not a complete snapshot (missing {', '.join(missing)})")
     problem = _field_problem(raw)
@@ -178,7 +187,7 @@ def read_snapshot(path: str | Path, mmap: bool = False) -> Snapshot:
     if checksum(raw) != raw[CHECKSUM_KEY]:
         raise SnapshotError(f"{path}: its contents do not match the checksum written with them; the "
                             f"file is damaged (resume from another copy, or delete it to start over)")
-    return Snapshot(**{key: raw[key] for key in SNAPSHOT_KEYS})
+    return Snapshot(**{key: raw[key] for key in SNAPSHOT_KEYS if key in raw})
 
 
 def checksum(contents: dict[str, Any]) -> str:
@@ -242,6 +251,11 @@ def _field_problem(raw: dict[str, Any]) -> str | None:
         return f"field history: expected records with an epoch in [0, {raw['epochs_run']}]"
     if epochs != sorted(epochs):
         return "field history: epochs out of order"
+    if "preprocessing" in raw:
+        try:
+            Preprocessing.from_dict(raw["preprocessing"])
+        except ValueError as error:
+            return f"field {error}"
     return None
 
 
@@ -283,6 +297,13 @@ def check_resume(snapshot: Snapshot, path: Path, cfg: Config, num_classes: int,
             f"paths, workers and speed settings can). Resume with the run's settings "
             f"(--config {Path(cfg.out_dir) / 'config.toml'}), or start a new run in another --out_dir."
         )
+    preprocessing = preprocessing_for(cfg.arch).as_dict()
+    if Preprocessing.from_dict(snapshot.preprocessing) != Preprocessing.from_dict(preprocessing):
+        # Another timm version can give a tag other statistics: the images would change mid-run.
+        raise SnapshotMismatch(
+            f"{path} trained on images preprocessed with {snapshot.preprocessing}, but {cfg.arch} now gives "
+            f"{preprocessing}; resume with the timm version that started the run, or start a new run "
+            f"in another --out_dir")
     if snapshot.epochs_run > cfg.total_epochs:
         raise SnapshotMismatch(
             f"{path} has run {snapshot.epochs_run} epochs, more than total_epochs "
@@ -317,10 +338,11 @@ def config_changes(saved: dict[str, Any], cfg: Config) -> dict[str, tuple[Any, A
 
 
 def _same_path(a: Any, b: Any) -> bool:
-    """"data/x", "./data/x/" and its absolute path are the same folder ("" and "imagenet" are not paths)."""
+    """"data/x", "./data/x/" and its absolute path are the same folder ("", "imagenet" and "timm" are
+    not paths)."""
     if a == b:
         return True
-    if not (isinstance(a, str) and isinstance(b, str)) or "" in (a, b) or "imagenet" in (a, b):
+    if not (isinstance(a, str) and isinstance(b, str)) or any(name in (a, b) for name in PRETRAINED_NAMES):
         return False
     return os.path.realpath(a) == os.path.realpath(b)
 

@@ -130,12 +130,16 @@ def test_gpu_check_quick_runs_every_section(tmp_path, run_main, monkeypatch):
     correctness = result["correctness"]
     assert correctness["resumed_from_snapshot"] and correctness["snapshot_reloads"]
     assert len(correctness["losses"]) == 4 and all(math.isfinite(x) for x in correctness["losses"])
-    for section in ("train_32", "train_48", "inference_32", "inference_48", "compile_32", "trainer", "compile_48"):
+    for section in ("train_32", "train_48", "inference_32", "inference_48", "compile_32", "trainer", "compile_48",
+                    *(f"{name}_{kind}" for name in gpu_check.VIT_RECIPES for kind in ("train", "compile"))):
         assert "error" not in result[section] and "skipped" not in result[section], section
     assert [row["batch"] for row in result["train_32"]["rows"]] == [2, 4]
     assert result["trainer"]["device"]["batch"] == result["train_32"]["best"]["batch"]
     assert {(row["size"], row["mode"]) for row in result["summary"]["rows"]} == {
         (32, "eager"), (32, "compiled"), (48, "eager"), (48, "compiled")}
+    assert [(row["recipe"], row["mode"], row["epochs"]) for row in result["summary"]["recipes"]] == [
+        ("inshop_vits16_dino", "eager", 30), ("inshop_vits16_dino", "compiled", 30),
+        ("inshop_vitb16_clip", "eager", 32), ("inshop_vitb16_clip", "compiled", 32)]
     saved = json.loads((tmp_path / "gpu_check.json").read_text())
     assert saved["summary"] == result["summary"]
     assert (tmp_path / "smoke" / "metrics.jsonl").exists() and (tmp_path / "smoke" / "resume.log").exists()
@@ -146,6 +150,24 @@ def test_projections_of_epoch_evaluation_and_recipe():
     assert out["epoch_s"] == pytest.approx(10.0)
     assert out["eval_s"] == pytest.approx(4.0)
     assert out["recipe_h"] == pytest.approx((50 * 10 + 51 * 4) / 3600)
+
+
+def test_recipe_hours_count_every_epoch_and_evaluation():
+    assert gpu_check.evaluations(30, 1) == 31 and gpu_check.evaluations(30, 4) == 9  # 0, 4, ..., 28, 30
+    out = gpu_check.recipe_projection(30, 1, train_ips=25_882 / 36, eval_ips=26_830 / 12)
+    assert out["train_h"] == pytest.approx(30 * 36 / 3600)
+    assert out["run_h"] == pytest.approx((30 * 36 + 31 * 12) / 3600)
+
+
+def test_the_vit_plans_are_the_recipes_models_and_optimizers():
+    pytest.importorskip("timm")
+    full = gpu_check.full_plan("inductor")
+    dino, clip = (gpu_check.vit_plan(full, name) for name in gpu_check.VIT_RECIPES)
+    assert (dino.arch, dino.batches, clip.arch) == ("timm/vit_small_patch16_224.dino", {224: (128, 256, 512)},
+                                                    "timm/vit_base_patch16_clip_224.openai")
+    assert clip.recipe.optimizer == "adamw" and clip.recipe.layer_decay == 0.85 and clip.recipe.pretrained == ""
+    quick = gpu_check.vit_plan(gpu_check.quick_plan("eager"), "inshop_vitb16_clip")
+    assert (quick.arch, quick.batches, quick.recipe.head_lr_mult) == ("timm/vit_tiny_patch16_224", {32: (2,)}, 10.0)
 
 
 def test_batch_search_stops_at_the_first_oom_and_keeps_the_fastest(monkeypatch):

@@ -76,6 +76,25 @@ def test_partial_fc_at_rate_1_trains_like_the_dense_head_and_saves_it_dense(tmp_
     assert not torch.allclose(unclipped["embedding.weight"], dense.model["embedding.weight"])  # clipping bit
 
 
+def test_partial_fc_with_adamw_and_a_head_multiple_trains_like_the_dense_head(tmp_path):
+    # AdamW keeps two moments per head row: sharded, gathered dense into the snapshot.
+    recipe = dict(optimizer="adamw", lr=0.004, weight_decay=0.05, decay_norm_and_bias=False, head_lr_mult=10.0)
+    spawn(1, tmp_path / "dense", **recipe)
+    spawn(2, tmp_path / "sharded", partial_fc=1.0, **recipe)
+    dense, sharded = (read_snapshot(tmp_path / d / "snapshot.pt") for d in ("dense", "sharded"))
+    # The bias in front of BatchNorm is left out: the batch mean removes it, so its gradient is 0 but
+    # for rounding, which AdamW's normalisation turns into lr-sized steps that differ between runs.
+    degenerate = "embedding.bias"
+    assert_close_states({k: v for k, v in sharded.model.items() if k != degenerate},
+                        {k: v for k, v in dense.model.items() if k != degenerate})
+    head_index = len(dense.optimizer["state"]) - 1  # the head is the model's last parameter and group
+    assert dense.optimizer["param_groups"][-1]["lr_scale"] == 10.0
+    for moment in ("exp_avg", "exp_avg_sq"):
+        saved = sharded.optimizer["state"][head_index][moment]
+        assert saved.shape == (CLASSES, 8)  # dense, from two shards
+        torch.testing.assert_close(saved, dense.optimizer["state"][head_index][moment], rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("rate", [1.0, pytest.param(0.5, marks=pytest.mark.slow)])
 def test_a_snapshot_of_3_processes_resumes_on_2_and_on_1(tmp_path, rate):
     spawn(3, tmp_path / "full", partial_fc=rate)

@@ -13,8 +13,10 @@ import pytest
 import torch
 
 from support.rundir import RunDirBusy
-from support.snapshot import (CHECKSUM_KEY, SNAPSHOT_KEYS, SNAPSHOT_VERSION, SnapshotError, checksum, read_snapshot,
-                              write_snapshot)
+from arcface.model import preprocessing_for
+from arcface.transforms import IMAGENET
+from support.snapshot import (CHECKSUM_KEY, SNAPSHOT_KEYS, SNAPSHOT_VERSION, SnapshotError, SnapshotMismatch, checksum,
+                              read_snapshot, write_snapshot)
 from toy import toy_config, toy_trainer
 from tools.common import load_model
 
@@ -99,6 +101,9 @@ def test_bytes_overwritten_inside_a_snapshot_are_refused_naming_the_file(trained
     ("optimizer", {"state": {}}, "field optimizer: expected an optimizer state dict"),
     ("rng", {"torch": torch.zeros(3)}, "field rng: expected the CPU generator's state"),
     ("config", [], "field config: expected a dict, got list"),
+    ("preprocessing", {"mean": [0.5, 0.5], "std": [0.5] * 3, "interpolation": "bicubic"},
+     r"field preprocessing mean: expected 3 numbers \(R, G, B\)"),
+    ("preprocessing", {"mean": [0.5] * 3, "std": [0.5] * 3}, "field preprocessing: missing interpolation"),
 ])
 def test_a_damaged_field_is_refused_naming_the_file_and_the_field(trained, tmp_path, field, value, message):
     # Written with a valid checksum: the damage is in what was saved, not in the bytes.
@@ -109,6 +114,32 @@ def test_a_damaged_field_is_refused_naming_the_file_and_the_field(trained, tmp_p
     with pytest.raises(SnapshotError, match=f"^{path}: {message}") as refused:
         read_snapshot(path)
     assert str(refused.value).endswith("the snapshot is damaged")
+
+
+def test_the_snapshot_records_the_preprocessing_and_a_resume_keeps_it(tmp_path):
+    clip = "timm/vit_xsmall_patch16_clip_224.tinyclip_yfcc15m"  # CLIP's mean and std, bicubic
+    pytest.importorskip("timm")
+    cfg = toy_config(tmp_path, total_epochs=1, arch=clip, resize=36, crop=32)  # (the toy model trains)
+    toy_trainer(cfg).train()
+    recorded = read_snapshot(tmp_path / "snapshot.pt").preprocessing
+    assert recorded == preprocessing_for(clip).as_dict() != IMAGENET.as_dict()
+    assert recorded["interpolation"] == "bicubic" and recorded["mean"][0] == pytest.approx(0.4815, abs=1e-4)
+    # Another timm could give the tag other statistics: the images would change mid-run.
+    path = tmp_path / "snapshot.pt"
+    write_snapshot(dataclasses.replace(read_snapshot(path), preprocessing=IMAGENET.as_dict()), path)
+    with pytest.raises(SnapshotMismatch, match=f"^{path} trained on images preprocessed with .*'bilinear'.*, but "
+                                               f"{clip} now gives .*'bicubic'"):
+        toy_trainer(toy_config(tmp_path, total_epochs=2, arch=clip, resize=36, crop=32))
+
+
+def test_a_snapshot_written_before_the_preprocessing_was_recorded_reads_as_imagenets(trained, tmp_path):
+    # Every run then used ImageNet's statistics and a bilinear resize, whatever its arch.
+    path = tmp_path / "snapshot.pt"
+    contents = {key: value for key, value in _raw(trained).items() if key != "preprocessing"}
+    contents[CHECKSUM_KEY] = checksum(contents)
+    torch.save(contents, path)
+    assert read_snapshot(path).preprocessing == IMAGENET.as_dict()
+    assert toy_trainer(toy_config(tmp_path, total_epochs=2)).epochs_run == 1  # and it resumes
 
 
 def test_a_position_outside_the_epoch_never_resumes(trained, tmp_path):

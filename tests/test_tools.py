@@ -1,5 +1,6 @@
 """The retrieval tools (tools/) end to end on one smoke training run."""
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -15,11 +16,12 @@ from PIL import Image
 
 import single_gpu
 from arcface.inshop import InShop
-from arcface.transforms import load_image, test_transform
+from arcface.transforms import Preprocessing, load_image, test_transform
 from support.config import Config, dump_toml, from_plain, parse_config, to_plain
 from datautils import synthetic_root
 from tools import evaluate, export, search, visualize
-from tools.common import IndexMismatch, load_model, run_cli
+from tools.api import load_retriever
+from tools.common import IndexMismatch, Preprocess, fingerprint, load_model, preprocess_of, run_cli
 from support.snapshot import SNAPSHOT_VERSION, Snapshot, SnapshotError, read_snapshot, write_snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -593,6 +595,46 @@ def test_torch_export_program_matches_eager_and_evaluates(run, tmp_path, capsys)
     same_metrics(read_json(tmp_path / "m.json"), run.last_eval)
     with pytest.raises(ValueError, match="already an export"):
         export.main([str(path), "--exported", str(tmp_path / "again.pt2")])
+
+
+# CLIP's statistics and resize: a backbone whose weights expect another normalisation than ImageNet's.
+CLIP = Preprocessing((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711), "bicubic")
+
+
+def test_every_tool_applies_the_preprocessing_the_snapshot_records(run, tmp_path):
+    path = tmp_path / "snapshot.pt"
+    write_snapshot(dataclasses.replace(read_snapshot(run.snapshot), preprocessing=CLIP.as_dict()), path)
+    model = load_model(path)
+    assert model.preprocess == Preprocess.of(32, 28, CLIP) != load_model(run.snapshot).preprocess
+    assert model.fingerprint != load_model(run.snapshot).fingerprint  # the same weights, other inputs
+    paths = [sample for sample, _ in InShop(run.root, "gallery").samples[:3]]
+    # What training evaluated with: datautils' test transform for the arch's statistics.
+    training = test_transform(32, 28, **CLIP.transform_kwargs())
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(
+            model.module(torch.stack([training(load_image(p)) for p in paths])), dim=1)
+    torch.testing.assert_close(search.embed_images(model, paths, torch.device("cpu")), expected)
+    exported = tmp_path / "model.pt2"
+    assert export.main([str(path), "--exported", str(exported)]) == 0
+    extra = {"retrieval.json": ""}
+    torch.export.load(str(exported), extra_files=extra)
+    metadata = json.loads(extra["retrieval.json"])
+    assert (metadata["interpolation"], metadata["mean"]) == ("bicubic", list(CLIP.mean_255))
+    assert "(bicubic, aspect ratio not kept)" in metadata["input"]
+    from_export = load_model(exported)
+    assert from_export.preprocess == model.preprocess and from_export.fingerprint == model.fingerprint
+    retriever = load_retriever(exported, device="cpu")
+    torch.testing.assert_close(retriever.embed(paths), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_export_metadata_without_an_interpolation_is_bilinear_and_bad_statistics_are_one_line():
+    old = {"resize": 32, "crop": 28, "mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375]}
+    assert preprocess_of(old) == Preprocess(32, 28)  # format 1 files: ImageNet's, bilinear
+    assert fingerprint({}, Preprocess(32, 28)) != fingerprint({}, Preprocess(32, 28, interpolation="bicubic"))
+    with pytest.raises(ValueError, match=r"^preprocessing mean: expected 3 numbers"):
+        preprocess_of({**old, "mean": [123.675, 116.28]})
+    with pytest.raises(ValueError, match=r"^preprocessing interpolation: expected 'bilinear' or 'bicubic'"):
+        preprocess_of({**old, "interpolation": "nearest"})
 
 
 def test_onnx_export_matches_eager(run, tmp_path):

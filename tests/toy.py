@@ -1,4 +1,5 @@
-"""A tiny retrieval job for Trainer tests: linear embedding + ArcFace head on Gaussian clusters."""
+"""A tiny retrieval job for Trainer tests: linear embedding + ArcFace head on Gaussian clusters, or
+a tiny timm ViT on the same clusters seen as 8 x 8 images (for what needs a trunk with blocks)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from arcface.head import ArcFaceHead
+from arcface.model import RetrievalModel
 from datautils import prepare_dataloader
 from job import make_optimizer
 from support.config import Config
@@ -36,6 +38,29 @@ class MyTrainDataset(Dataset):
         return self.data[index], self.labels[index]
 
 
+IMAGE_SHAPE = (3, 8, 8)
+
+
+class ToyImages(MyTrainDataset):
+    """The clusters in 3 x 8 x 8 dimensions, each sample an RGB image of 8 x 8 pixels."""
+
+    def __init__(self, size: int, num_classes: int = 4, seed: int = 0, split: int = 0):
+        super().__init__(size, in_features=3 * 8 * 8, num_classes=num_classes, seed=seed, split=split)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.data[index].view(IMAGE_SHAPE), self.labels[index]
+
+
+def toy_vit(num_classes: int = 4) -> RetrievalModel:
+    """A timm VisionTransformer of 3 blocks on 8 x 8 images (4 patches) + ArcFace head: the model
+    layout of a timm arch (`backbone.blocks.i`), small enough for multi-process tests."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    trunk = VisionTransformer(img_size=8, patch_size=4, embed_dim=16, depth=3, num_heads=2, mlp_ratio=2.0,
+                              num_classes=0)
+    return RetrievalModel(trunk, nn.Identity(), nn.Identity(), ArcFaceHead(16, num_classes, scale=16.0, margin=0.2))
+
+
 class ToyModel(nn.Module):
     def __init__(self, in_features: int = 20, dim: int = 8, num_classes: int = 4, batch_norm: bool = False):
         super().__init__()
@@ -59,15 +84,17 @@ def toy_config(out_dir: str, **changes) -> Config:
     return Config(**values)
 
 
-def toy_eval_sets() -> tuple[MyTrainDataset, MyTrainDataset]:
-    return MyTrainDataset(15, seed=1, split=1), MyTrainDataset(21, seed=1, split=2)
+def toy_eval_sets(images: bool = False) -> tuple[MyTrainDataset, MyTrainDataset]:
+    kind = ToyImages if images else MyTrainDataset
+    return kind(15, seed=1, split=1), kind(21, seed=1, split=2)
 
 
-def toy_trainer(cfg: Config, train_size: int = 64, batch_norm: bool = False) -> Trainer:
+def toy_trainer(cfg: Config, train_size: int = 64, batch_norm: bool = False, vit: bool = False) -> Trainer:
+    """A Trainer of ToyModel on the clusters, or with vit=True of toy_vit on them as images."""
     torch.manual_seed(0)  # the same initial weights in every process and every run
-    model = ToyModel(batch_norm=batch_norm)
-    train_set = MyTrainDataset(train_size, seed=1, split=0)
-    query_set, gallery_set = toy_eval_sets()
+    model = toy_vit() if vit else ToyModel(batch_norm=batch_norm)
+    train_set = (ToyImages if vit else MyTrainDataset)(train_size, seed=1, split=0)
+    query_set, gallery_set = toy_eval_sets(images=vit)
     schedule = make_schedule(cfg, len(train_set))
     loader = prepare_dataloader(train_set, schedule, cfg.num_workers, cfg.seed)
     return Trainer(cfg, model, loader, make_optimizer(cfg, model, schedule), schedule, query_set, gallery_set,

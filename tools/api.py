@@ -9,7 +9,8 @@
 
 A model is anything `tools/common.load_model` reads: a training snapshot or a TorchScript export
 (for mmpretrain checkpoints use `tools.common.load_mmpretrain` and pass the result to
-`Retriever`). Images are preprocessed with the pipeline the model was evaluated with. Searching
+`Retriever`). Images are preprocessed with the pipeline the model was trained and evaluated with
+(sizes, normalisation and resize interpolation as the snapshot or export records them). Searching
 the same gallery again reuses its embeddings (kept in memory, keyed by the gallery's paths).
 """
 from __future__ import annotations

@@ -7,7 +7,8 @@ A model comes from one of three files, and every tool accepts all three:
     --mmpretrain FILE --arch resnet50 --num_classes 3997    an mmpretrain ArcFace checkpoint
 
 Each becomes a `LoadedModel`: an `Embedder` (backbone -> pooling -> optional embedding layer,
-no ArcFace head), the preprocessing it expects, and a fingerprint of its weights.
+no ArcFace head), the preprocessing it expects (sizes, mean, std and resize interpolation: those
+of training, as the snapshot or the export records them), and a fingerprint of both.
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ from arcface.inshop import PARTITION_FILE, InShop
 from arcface.model import (MMPRETRAIN_FAMILIES, RetrievalModel, build_model, family_of, fit_position_embedding,
                            load_mmpretrain_retriever)
 from arcface.rerank import KR_K1, KR_K2, KR_LAMBDA, QE_ALPHA, QE_K, RERANK_METHODS, Rerank
-from arcface.transforms import MAX_IMAGE_PIXELS, MEAN_RGB, STD_RGB, check_max_pixels, load_image, test_transform
+from arcface.transforms import (MAX_IMAGE_PIXELS, MEAN_RGB, STD_RGB, Preprocessing, check_max_pixels, load_image,
+                                test_transform)
 from support.atomicfile import atomic_output
 from support.config import Config, ConfigError, from_plain
 from support.errors import one_line_errors
@@ -61,23 +63,37 @@ class Embedder(nn.Module):
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Test-time pipeline: resize to (resize, resize), centre crop (crop, crop), normalise RGB."""
+    """Test-time pipeline: resize to (resize, resize) with `interpolation`, centre crop (crop, crop),
+    normalise RGB with mean and std on the 0-255 scale (ImageNet's and bilinear: the reference)."""
 
     resize: int
     crop: int
     mean: tuple[float, ...] = MEAN_RGB  # 0-255 scale
     std: tuple[float, ...] = STD_RGB
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        # Preprocessing's checks (3 numbers each, std > 0, a known interpolation) on its 0-1 scale:
+        # a damaged export's metadata stops here, in one line.
+        try:
+            Preprocessing(tuple(v / 255 for v in self.mean), tuple(v / 255 for v in self.std), self.interpolation)
+        except TypeError:
+            raise ValueError(f"preprocess: expected 3 numbers for mean and std, got {self.mean!r} and "
+                             f"{self.std!r}") from None
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))  # JSON lists -> tuples
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+
+    @classmethod
+    def of(cls, resize: int, crop: int, preprocessing: Preprocessing) -> Preprocess:
+        """The sizes with a backbone's normalisation and interpolation (a snapshot's record)."""
+        return cls(resize, crop, preprocessing.mean_255, preprocessing.std_255, preprocessing.interpolation)
 
     def transform(self) -> Callable[[Tensor], Tensor]:
-        if tuple(self.mean) != MEAN_RGB or tuple(self.std) != STD_RGB:
-            raise ValueError(
-                f"the model expects normalisation mean={list(self.mean)} std={list(self.std)}, "
-                f"but this project's pipeline uses mean={list(MEAN_RGB)} std={list(STD_RGB)}"
-            )
-        return test_transform(self.resize, self.crop)
+        return test_transform(self.resize, self.crop, mean=self.mean, std=self.std, interpolation=self.interpolation)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"resize": self.resize, "crop": self.crop, "mean": list(self.mean), "std": list(self.std)}
+        return {"resize": self.resize, "crop": self.crop, "mean": list(self.mean), "std": list(self.std),
+                "interpolation": self.interpolation}
 
 
 @dataclass
@@ -235,7 +251,9 @@ def load_training_snapshot(path: Path, resize: int | None = None, crop: int | No
             "checkpoint use --mmpretrain FILE --arch ARCH --num_classes N"
         ) from None
     cfg = training_config(snapshot.config, path)
-    preprocess = Preprocess(resize or cfg.resize, crop or cfg.crop)
+    # The normalisation and interpolation the run trained with, as it recorded them: not what
+    # the arch gives today (another timm version may differ), never ImageNet's by default.
+    preprocess = Preprocess.of(resize or cfg.resize, crop or cfg.crop, Preprocessing.from_dict(snapshot.preprocessing))
     # The ArcFace scale and margins only shape training logits: embeddings do not depend on them.
     # A ViT is built for the crop it will see; its position embeddings, made for the training
     # crop, are interpolated when --crop asks for another.
@@ -288,8 +306,7 @@ def load_torchscript(path: Path, resize: int | None = None, crop: int | None = N
         warnings.simplefilter("ignore", FutureWarning)
         module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     metadata = _export_metadata(path, extra[EXPORT_METADATA_FILE], "TorchScript file")
-    preprocess = Preprocess(resize or metadata["resize"], crop or metadata["crop"],
-                            tuple(metadata["mean"]), tuple(metadata["std"]))
+    preprocess = preprocess_of(metadata, resize, crop)
     module.eval()
     return LoadedModel(module, preprocess, fingerprint(module.state_dict(), preprocess),
                        f"TorchScript {path}", metadata.get("config"))
@@ -318,8 +335,7 @@ def load_exported_program(path: Path, resize: int | None = None, crop: int | Non
     extra = {EXPORT_METADATA_FILE: ""}
     program = torch.export.load(str(path), extra_files=extra)
     metadata = _export_metadata(path, extra[EXPORT_METADATA_FILE], "torch.export archive")
-    preprocess = Preprocess(resize or metadata["resize"], crop or metadata["crop"],
-                            tuple(metadata["mean"]), tuple(metadata["std"]))
+    preprocess = preprocess_of(metadata, resize, crop)
     module = ExportedEmbedder(program)
     return LoadedModel(module, preprocess, fingerprint(module.state_dict(), preprocess),
                        f"ExportedProgram {path}", metadata.get("config"))
@@ -336,11 +352,18 @@ def _export_metadata(path: Path, text: str, kind: str) -> dict[str, Any]:
     return metadata
 
 
+def preprocess_of(metadata: dict[str, Any], resize: int | None = None, crop: int | None = None) -> Preprocess:
+    """An export's recorded preprocessing; format 1 files predate "interpolation" and were all bilinear."""
+    return Preprocess(resize or metadata["resize"], crop or metadata["crop"], tuple(metadata["mean"]),
+                      tuple(metadata["std"]), metadata.get("interpolation", "bilinear"))
+
+
 def fingerprint(state: dict[str, Tensor], preprocess: Preprocess) -> str:
     """sha256 of the embedding weights (names, dtypes, shapes, bytes) and the preprocessing.
 
     Computed from weights, not file bytes, so a snapshot and its TorchScript export agree, while
-    continued training (other weights) or another input size gives another fingerprint.
+    continued training (other weights), another input size, normalisation or interpolation gives
+    another fingerprint.
     """
     digest = hashlib.sha256()
     for key in sorted(state):

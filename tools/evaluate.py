@@ -8,8 +8,9 @@
     torchrun --nproc_per_node=4 tools/evaluate.py runs/demo/snapshot.pt      # same numbers, faster
     python tools/evaluate.py runs/demo/snapshot.pt --rerank qe [--qe_k 2 --qe_alpha 3]
 
-The data root defaults to the data the snapshot was trained on, and K, the batch size and the
-preprocessing to its configuration, so the numbers equal the trainer's last evaluation.
+The data root defaults to the data the snapshot was trained on, K and the batch size to its
+configuration, and the preprocessing (sizes, normalisation, interpolation) to what it records, so
+the numbers equal the trainer's last evaluation.
 Under torchrun every process embeds its share; the result is identical for any world size.
 Re-ranking (--rerank qe or kr, arcface/rerank.py) runs on rank 0 on the gathered embeddings, so
 it is identical for any world size too.

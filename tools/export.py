@@ -6,7 +6,9 @@
     python tools/export.py --mmpretrain inshop_r50.pth --arch resnet50 --num_classes 3997 --onnx r50.onnx
 
 Input: float32 images (N, 3, crop, crop), RGB, resized to (resize, resize) without keeping the
-aspect ratio, centre-cropped and normalised as (x - mean) / std on the 0-255 scale. Output:
+aspect ratio (bilinear or bicubic: the backbone's, as in training), centre-cropped and normalised
+as (x - mean) / std on the 0-255 scale with the statistics training used (ImageNet's, or a timm
+backbone's own, e.g. CLIP's). Output:
 (N, D) embeddings, not normalised; rank by cosine similarity. Both files record these sizes and
 statistics: TorchScript and torch.export archives as the extra file `retrieval.json`
 (tools/evaluate.py, tools/search.py and tools.api read both), ONNX as the metadata entry
@@ -89,10 +91,10 @@ def export_metadata(model: LoadedModel) -> dict[str, Any]:
         embedding_dim = model.module(example_images(model, 1)).shape[1]
     return {
         "format": EXPORT_FORMAT,
-        "format_version": 1,
+        "format_version": 2,  # 2: "interpolation" recorded (format 1 files were all bilinear)
         **preprocess.as_dict(),
         "input": (f"float32 (N, 3, {preprocess.crop}, {preprocess.crop}) RGB: resize to "
-                  f"({preprocess.resize}, {preprocess.resize}) (bilinear, aspect ratio not kept), "
+                  f"({preprocess.resize}, {preprocess.resize}) ({preprocess.interpolation}, aspect ratio not kept), "
                   "centre crop, (x - mean) / std with mean and std on the 0-255 scale"),
         "output": f"float32 (N, {embedding_dim}) embeddings, not normalised: rank by cosine similarity",
         "embedding_dim": embedding_dim,
