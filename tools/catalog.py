@@ -74,7 +74,7 @@ KINDS = ("flat", "hnsw", "ivfpq", "auto")
 FLAT_MAX_ROWS = 100_000  # beyond this an exact query costs over ~2 ms on one thread at D = 512
 HNSW_M = 32  # links per row and layer (2 x M on the bottom layer)
 HNSW_EF_CONSTRUCTION = 80  # candidate list while building: graph quality against build time
-HNSW_EF_SEARCH = 96  # candidate list while searching (at least k)
+HNSW_EF_SEARCH = 64  # candidate list while searching (at least k)
 IVF_LISTS_PER_SQRT_ROWS = 4  # nlist = 4 sqrt(N)
 IVF_TRAIN_PER_LIST = 40  # k-means sample per list: FAISS warns below 39
 IVFPQ_MIN_ROWS = 1000  # the product quantiser trains 256 centroids per sub-vector
@@ -336,10 +336,10 @@ def plan_index(count: int, dim: int, kind: str = "auto", memory_budget: int | No
     if kind == "flat" or (kind == "auto" and count <= FLAT_MAX_ROWS and fits(flat_bytes(count, dim))):
         reason = f"{count} rows <= {FLAT_MAX_ROWS} and {format_bytes(flat_bytes(count, dim))} within {budget_text}"
         return IndexPlan("flat", {}, flat_bytes(count, dim), reason if kind == "auto" else "requested")
+    not_flat = f"{count} rows > {FLAT_MAX_ROWS}" if count > FLAT_MAX_ROWS else \
+        f"flat's {format_bytes(flat_bytes(count, dim))} over {budget_text}"
     if kind == "hnsw" or (kind == "auto" and fits(hnsw_bytes(count, dim))):
-        why = f"{count} rows > {FLAT_MAX_ROWS}" if count > FLAT_MAX_ROWS else \
-            f"flat's {format_bytes(flat_bytes(count, dim))} over {budget_text}"
-        reason = f"{why}, and {format_bytes(hnsw_bytes(count, dim))} within {budget_text}"
+        reason = f"{not_flat}, and {format_bytes(hnsw_bytes(count, dim))} within {budget_text}"
         params = {"M": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION, "ef_search": HNSW_EF_SEARCH}
         return IndexPlan("hnsw", params, hnsw_bytes(count, dim), reason if kind == "auto" else "requested")
     if count < IVFPQ_MIN_ROWS:
@@ -354,7 +354,7 @@ def plan_index(count: int, dim: int, kind: str = "auto", memory_budget: int | No
                            f"the smallest index (ivfpq with 1-byte codes) needs {format_bytes(least)}")
     size = ivfpq_bytes(count, dim, nlist, code)
     params = {"nlist": nlist, "m": code, "nbits": 8, "nprobe": min(IVFPQ_NPROBE, nlist), "rerank": IVFPQ_RERANK}
-    reason = (f"hnsw's {format_bytes(hnsw_bytes(count, dim))} over {budget_text}; {code}-byte codes "
+    reason = (f"{not_flat}, hnsw's {format_bytes(hnsw_bytes(count, dim))} too; {code}-byte codes "
               f"({size / count:.1f} bytes per row with ids and centroids) fit")
     return IndexPlan("ivfpq", params, size, reason if kind == "auto" else "requested")
 
