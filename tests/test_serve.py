@@ -438,3 +438,20 @@ def test_every_request_is_logged_once(server, catalog):
     lines = server.wait_for_access_lines(before + len(requests))[before:]
     assert [(line[1], line[2], line[3]) for line in lines] == [(m, t, s) for m, t, _, s in requests]
     assert "Traceback" not in server.log()
+
+
+@needs_server
+def test_an_index_beside_the_catalog_is_used(catalog, tmp_path):
+    pytest.importorskip("faiss", reason="faiss-cpu not installed (an optional extra)")
+    from fastapi.testclient import TestClient
+
+    from tools.catalog import build_index, save_index
+
+    out = tmp_path / "indexed"
+    shutil.copytree(catalog.out, out)
+    save_index(build_index(read_catalog(out), "hnsw", sample=0))
+    indexed = serve.open_service(catalog.snapshot, out, catalog.images, device="cpu")
+    with TestClient(serve.create_app(indexed, default_k=3)) as test_client:
+        assert test_client.get("/api/info").json()["search"] == "hnsw"
+        results = test_client.post("/api/search", content=catalog.query.read_bytes()).json()["results"]
+    assert results[0]["path"] == catalog.query.relative_to(catalog.images).as_posix() and len(results) == 3
