@@ -68,8 +68,8 @@ INTERNAL_ERROR = "internal server error (the server's log has the details)"
 # into another type (an image that is really HTML never runs as a page).
 SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
-    (b"content-security-policy", b"default-src 'self'; img-src 'self' blob:; script-src 'self'; "
-                                 b"style-src 'self'; connect-src 'self'; frame-ancestors 'none'"),
+    (b"content-security-policy", (b"default-src 'self'; img-src 'self' blob:; script-src 'self'; "
+                                  b"style-src 'self'; connect-src 'self'; frame-ancestors 'none'")),
     (b"referrer-policy", b"no-referrer"),
 ]
 
