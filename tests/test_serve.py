@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 
 import single_gpu
-from config import parse_config
+from support.config import parse_config
 from datautils import synthetic_root
 from tools import serve
 from tools.api import load_retriever

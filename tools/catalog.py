@@ -57,10 +57,10 @@ if __package__ in (None, ""):  # imported from a script in tools/: make the proj
 import numpy as np
 import torch
 
-from runtime import UserError
+from support.errors import UserError
 # The one import of the project's atomic writer: a temporary file next to the target, flushed,
 # then os.replace'd onto it. Change this line alone if the module is renamed.
-from snapshot import atomic_output
+from support.atomicfile import atomic_output
 
 EMBEDDINGS_FILE, PATHS_FILE, META_FILE = "embeddings.npy", "paths.txt", "meta.json"
 INDEX_FILE, INDEX_INFO_FILE = "index.faiss", "index.json"

@@ -51,10 +51,10 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 import torch
 import torch.nn.functional as F
 
-import runtime
+from support import runtime
 from arcface.imageheader import HeaderError, read_header
 from arcface.transforms import MAX_IMAGE_PIXELS, ImageFileError, check_max_pixels, load_image
-from runtime import UserError
+from support.errors import UserError
 from tools.catalog import META_FILE, Catalog, CatalogError, CatalogIndex, open_searcher, read_catalog, search_index
 from tools.common import LoadedModel, load_model
 
