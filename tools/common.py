@@ -33,7 +33,9 @@ from arcface.model import (MMPRETRAIN_FAMILIES, RetrievalModel, build_model, fam
 from arcface.rerank import KR_K1, KR_K2, KR_LAMBDA, QE_ALPHA, QE_K, RERANK_METHODS, Rerank
 from arcface.transforms import MAX_IMAGE_PIXELS, MEAN_RGB, STD_RGB, check_max_pixels, load_image, test_transform
 from config import Config
+from runtime import UserError, user_message
 from snapshot import SnapshotError, atomic_output, load_snapshot
+from tools.catalog import IndexMismatch  # the one index/catalog mismatch of the tools (re-exported here)
 
 EXPORT_METADATA_FILE = "retrieval.json"  # TorchScript extra file written by tools/export.py
 EXPORT_FORMAT = "arcface-retrieval-embedder"
@@ -176,16 +178,16 @@ def model_from_args(args: argparse.Namespace) -> LoadedModel:
 
 
 def run_cli(main: Callable[[list[str] | None], int]) -> int:
-    """Runs a tool's main; bad input ends with one `error: ...` line and exit status 1."""
+    """Runs a tool's main; bad input ends with one `error: ...` line and exit status 1.
+
+    Catalog and index errors (tools/catalog.py) are ValueErrors or ImportErrors, so they end
+    the same way.
+    """
     try:
         return main(None)
-    except (OSError, ValueError, ImportError, SnapshotError, IndexMismatch) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (OSError, ValueError, ImportError, SnapshotError) as error:
+        print(f"error: {user_message(error)}", file=sys.stderr)
         return 1
-
-
-class IndexMismatch(RuntimeError):
-    """A search index that was built by another model or from other images."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -433,3 +435,37 @@ def metadata_of(model: LoadedModel) -> dict[str, Any]:
     """What a result file says about the model that produced it."""
     return {"model": model.source, "fingerprint": model.fingerprint, "preprocess": model.preprocess.as_dict()}
 
+
+
+# ------------------------------------------------------------------------------------------
+# Several processes (under torchrun)
+
+
+def decided_by_rank0(decide: Callable[[], Any], device: torch.device) -> Any:
+    """`decide()` run on global rank 0 only, its result (small, picklable) given to every rank.
+
+    A user error raised there is raised on every rank with rank 0's message, so the others stop
+    at once instead of waiting in the next collective.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return decide()
+    box: list[Any] = [None, None]
+    raised: BaseException | None = None
+    if dist.get_rank() == 0:
+        try:
+            box[0] = decide()
+        except (OSError, ValueError, ImportError, SnapshotError) as error:
+            raised, box[1] = error, user_message(error)
+    # nccl moves CUDA tensors only; gloo wants CPU ones.
+    dist.broadcast_object_list(box, src=0, device=device if dist.get_backend() == "nccl" else None)
+    if raised is not None:
+        raise raised
+    if box[1] is not None:
+        raise RankZeroError(box[1])
+    return box[0]
+
+
+class RankZeroError(UserError, ValueError):
+    """What rank 0 refused, said on the other ranks too."""
