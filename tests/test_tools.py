@@ -75,6 +75,64 @@ def test_evaluate_under_torchrun_equals_one_process(run, tmp_path):
     same_metrics(two, one, keys=("recall@1", "recall@2", "recall@4", "mAP@3", "mAP@10"))
 
 
+def test_evaluate_through_a_flat_index_equals_exact_evaluation(run, tmp_path, capsys):
+    pytest.importorskip("faiss", reason="faiss-cpu is an optional extra")
+    assert evaluate.main([str(run.snapshot), "--out", str(tmp_path / "exact.json")]) == 0
+    assert evaluate.main([str(run.snapshot), "--index", "flat", "--out", str(tmp_path / "flat.json")]) == 0
+    assert "through a flat index" in capsys.readouterr().out
+    exact, flat = read_json(tmp_path / "exact.json"), read_json(tmp_path / "flat.json")
+    assert flat.pop("index") == {"kind": "flat", "params": {}}
+    assert flat == exact  # the same ranking, so the same numbers to the last bit
+
+
+def labelled_embeddings(labels: int, queries: int, gallery: int, dim: int = 32, seed: int = 0):
+    """Unit rows around one random centre per label; every label has a gallery row."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.nn.functional.normalize(torch.randn(labels, dim, generator=generator), dim=1)
+    gallery_labels = torch.cat([torch.arange(labels), torch.randint(labels, (gallery - labels,), generator=generator)])
+    query_labels = torch.randint(labels, (queries,), generator=generator)
+
+    def rows(of: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(centres[of] + 0.2 * torch.randn(len(of), dim, generator=generator), dim=1)
+
+    return rows(query_labels), rows(gallery_labels), query_labels, gallery_labels
+
+
+def test_index_metrics_flat_equals_retrieval_metrics_and_hnsw_is_close():
+    pytest.importorskip("faiss", reason="faiss-cpu is an optional extra")
+    from arcface.metrics import retrieval_metrics
+
+    query, gallery, query_labels, gallery_labels = labelled_embeddings(150, 700, 900)
+    settings = {"recall_at": (1, 5), "map_at": (10,)}
+    exact = retrieval_metrics(query, gallery, query_labels, gallery_labels, **settings)
+    flat = evaluate.index_metrics(query, gallery, query_labels, gallery_labels, "flat", **settings)
+    assert flat.pop("index")["kind"] == "flat" and flat == exact
+    assert 20 < exact["recall@1"] < 95  # a set where the ranking matters
+    hnsw = evaluate.index_metrics(query, gallery, query_labels, gallery_labels, "hnsw", **settings)
+    assert hnsw.pop("index")["params"]["ef_search"] == 64
+    for key in ("recall@1", "recall@5", "mAP@10"):
+        assert abs(hnsw[key] - exact[key]) <= 0.5, key
+    # K above the gallery size, as retrieval_metrics allows.
+    small = evaluate.index_metrics(query[:20], gallery[:150], query_labels[:20], gallery_labels[:150], "flat",
+                                   recall_at=(1, 200), map_at=(300,))
+    small.pop("index")
+    assert small == retrieval_metrics(query[:20], gallery[:150], query_labels[:20], gallery_labels[:150],
+                                      recall_at=(1, 200), map_at=(300,))
+
+
+def test_places_an_index_left_empty_count_as_misses():
+    from arcface.metrics import ranking_metrics
+
+    query_labels, gallery_labels = torch.tensor([0, 1]), torch.tensor([0, 1, 1, 0])
+    full = torch.tensor([[0, 3, 1], [1, 2, 0]])
+    holed = torch.tensor([[0, -1, -1], [-1, 1, 2]])  # query 1: its first place empty
+    ranked, labels = evaluate._missing_as_misses(holed, query_labels, gallery_labels, 3)
+    metrics = ranking_metrics(ranked, query_labels, labels, recall_at=(1, 3), map_at=(3,))
+    assert metrics["recall@1"] == 50.0 and metrics["recall@3"] == 100.0
+    assert metrics["mAP@3"] == pytest.approx(100 * (1 / 2 + (1 / 2 + 2 / 3) / 2) / 2)
+    assert ranking_metrics(full, query_labels, gallery_labels, recall_at=(1,), map_at=(3,))["recall@1"] == 100.0
+
+
 def test_mmpretrain_argument_errors(run):
     with pytest.raises(ValueError, match="--arch"):
         evaluate.main(["--mmpretrain", str(run.snapshot), "--num_classes", "3"])
@@ -156,6 +214,15 @@ def test_rerank_flag_errors_end_with_usage(tmp_path, monkeypatch, capsys, flags,
             tool.main(None)
         assert exit_status.value.code == 2
         assert message in capsys.readouterr().err
+
+
+def test_evaluate_index_and_rerank_exclude_each_other(monkeypatch, capsys):
+    for flags, message in ((["--index", "hnsw", "--rerank", "qe"], "--index and --rerank"),
+                           (["--index", "annoy"], "invalid choice: 'annoy'")):
+        monkeypatch.setattr(sys, "argv", [evaluate.__file__, "snapshot.pt", *flags])
+        with pytest.raises(SystemExit) as exit_status:
+            evaluate.main(None)
+        assert exit_status.value.code == 2 and message in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------
