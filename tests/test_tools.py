@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -18,7 +19,8 @@ from arcface.inshop import InShop
 from arcface.transforms import load_image, test_transform
 from config import Config, dump_toml, parse_config
 from datautils import synthetic_root
-from tools import evaluate, export, search, visualize
+from tools import embed, evaluate, export, search, visualize
+from tools.catalog import CatalogError, read_catalog
 from tools.common import IndexMismatch, load_model, run_cli
 from snapshot import SnapshotError, atomic_torch_save, load_snapshot
 
@@ -181,13 +183,19 @@ def test_evaluate_rerank_kr_reports_its_settings_and_lambda_one_is_plain(run, tm
     assert plain == read_json(tmp_path / "plain.json")  # lambda = 1: the cosine ranking, bit for bit
 
 
-def test_search_rerank_ranks_the_index_and_says_how(run, tmp_path, capsys):
-    flags = ["--query", str(run.root), "--max_queries", "4", "--index", str(tmp_path / "g.idx"), "--top_k", "3",
-             *QUIET]
+def gallery_catalog(run, out: Path) -> Path:
+    """The gallery split embedded by tools/embed.py into `out`."""
+    assert embed.main([str(run.snapshot), str(run.root), str(out), "--split", "gallery", *QUIET]) == 0
+    return out
+
+
+def test_search_rerank_ranks_the_catalog_and_says_how(run, tmp_path, capsys):
+    out = gallery_catalog(run, tmp_path / "catalog")
+    flags = ["--query", str(run.root), "--max_queries", "4", "--index", str(out), "--top_k", "3", *QUIET]
     assert search.main([str(run.snapshot), *flags, "--json", str(tmp_path / "plain.json")]) == 0
     assert search.main([str(run.snapshot), *flags, "--rerank", "none", "--json", str(tmp_path / "none.json")]) == 0
     assert (tmp_path / "none.json").read_text() == (tmp_path / "plain.json").read_text()
-    index = torch.load(tmp_path / "g.idx", weights_only=True)
+    paths = embed.catalog_paths(read_catalog(out))
     for method in ("qe", "kr"):
         capsys.readouterr()
         assert search.main([str(run.snapshot), *flags, "--rerank", method, "--json", str(tmp_path / "r.json")]) == 0
@@ -198,7 +206,7 @@ def test_search_rerank_ranks_the_index_and_says_how(run, tmp_path, capsys):
             matches = result["matches"]
             assert [m["rank"] for m in matches] == [1, 2, 3]
             assert all(a["score"] >= b["score"] for a, b in zip(matches, matches[1:]))
-            assert all(m["path"] in index["paths"] for m in matches)
+            assert all(m["path"] in paths for m in matches)
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -261,7 +269,7 @@ def test_mmpretrain_checkpoint_searches(run, tmp_path):
     assert search.main(["--mmpretrain", str(checkpoint), "--arch", "resnet18", "--num_classes",
                         str(run.num_classes), "--resize", "32", "--crop", "28", "--gallery", str(run.root),
                         "--query", image, *QUIET, "--json", str(tmp_path / "r.json")]) == 0
-    assert (tmp_path / "arcface.index.pt").exists()  # default index: next to the checkpoint
+    assert (tmp_path / "arcface.catalog" / "meta.json").exists()  # default catalog: next to the checkpoint
     assert read_json(tmp_path / "r.json")["results"][0]["matches"][0]["path"] == image
 
 
@@ -278,8 +286,8 @@ def embedding_of(model, path: str) -> torch.Tensor:
 def test_search_finds_a_gallery_image_first_with_cosine_scores(run, tmp_path):
     gallery = InShop(run.root, "gallery")
     image = gallery.samples[5][0]
-    assert search.main([str(run.snapshot), "--query", image, "--index", str(tmp_path / "g.idx"),
-                        "--top_k", "4", *QUIET, "--json", str(tmp_path / "r.json")]) == 0
+    assert search.main([str(run.snapshot), "--query", image, "--top_k", "4", *QUIET,
+                        "--json", str(tmp_path / "r.json")]) == 0
     (result,) = read_json(tmp_path / "r.json")["results"]
     matches = result["matches"]
     assert matches[0]["path"] == image and matches[0]["score"] == pytest.approx(1.0, abs=1e-5)
@@ -296,8 +304,8 @@ def test_search_finds_a_gallery_image_first_with_cosine_scores(run, tmp_path):
 
 
 def test_search_inshop_queries_know_their_items(run, tmp_path, capsys):
-    assert search.main([str(run.snapshot), "--query", str(run.root), "--max_queries", "3", "--index",
-                        str(tmp_path / "g.idx"), *QUIET, "--json", str(tmp_path / "r.json")]) == 0
+    assert search.main([str(run.snapshot), "--query", str(run.root), "--max_queries", "3", *QUIET,
+                        "--json", str(tmp_path / "r.json")]) == 0
     results = read_json(tmp_path / "r.json")["results"]
     query_set = InShop(run.root, "query")
     item_of = {path: query_set.item_ids[label] for path, label in query_set.samples}
@@ -313,21 +321,23 @@ def perturbed_snapshot(run, path: Path, key: str) -> Path:
     return path
 
 
-def test_index_is_reused_until_the_model_changes(run, tmp_path, capsys):
-    index = tmp_path / "g.idx"
+def test_the_default_catalog_is_reused_until_the_model_changes(run, tmp_path, capsys):
+    model = tmp_path / "model.pt"  # its default catalog: tmp_path/model.catalog/
+    catalog = tmp_path / "model.catalog"
     query = InShop(run.root, "gallery").samples[0][0]
 
-    def search_with(model: Path, *flags: str) -> str:
-        search.main([str(model), "--query", query, "--index", str(index), *QUIET, *flags])
+    def search_with(source: Path, *flags: str) -> str:
+        model.write_bytes(source.read_bytes())
+        search.main([str(model), "--query", query, *QUIET, *flags])
         return capsys.readouterr().out
 
-    assert "written to" in search_with(run.snapshot)
-    built = os.stat(index).st_mtime_ns
-    assert "using the index" in search_with(run.snapshot)
-    assert os.stat(index).st_mtime_ns == built
-    # The ArcFace head plays no part in embeddings: changing it keeps the index.
+    assert "catalog of 24 images written to" in search_with(run.snapshot)
+    built = os.stat(catalog / "embeddings.npy").st_mtime_ns
+    assert "using the catalog" in search_with(run.snapshot)
+    assert os.stat(catalog / "embeddings.npy").st_mtime_ns == built
+    # The ArcFace head plays no part in embeddings: changing it keeps the catalog.
     head_changed = perturbed_snapshot(run, tmp_path / "head.pt", "head.weight")
-    assert "using the index" in search_with(head_changed)
+    assert "using the catalog" in search_with(head_changed)
     # Other backbone weights: refused with --no_rebuild, rebuilt otherwise.
     retrained = perturbed_snapshot(run, tmp_path / "retrained.pt", "backbone.conv1.weight")
     old, new = load_model(run.snapshot).fingerprint, load_model(retrained).fingerprint
@@ -335,8 +345,41 @@ def test_index_is_reused_until_the_model_changes(run, tmp_path, capsys):
     with pytest.raises(IndexMismatch, match=f"another model.*{old}.*{new}"):
         search_with(retrained, "--no_rebuild")
     rebuilt = search_with(retrained)
-    assert "built by another model" in rebuilt and "rebuilding" in rebuilt
-    assert torch.load(index, weights_only=True)["fingerprint"] == new
+    assert "made by another model" in rebuilt and "rebuilding it" in rebuilt
+    assert read_catalog(catalog).fingerprint == new
+
+
+def test_a_catalog_of_another_model_is_refused_in_one_line(run, tmp_path, monkeypatch, capsys):
+    out = gallery_catalog(run, tmp_path / "catalog")
+    retrained = perturbed_snapshot(run, tmp_path / "retrained.pt", "backbone.conv1.weight")
+    query = InShop(run.root, "query").samples[0][0]
+    monkeypatch.setattr(sys, "argv", ["search.py", str(retrained), "--query", query, "--index", str(out), *QUIET])
+    capsys.readouterr()
+    assert run_cli(search.main) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out}: embeddings of another model (fingerprint ") and err.count("\n") == 1
+    # Another dimension: a catalog whose rows are not this model's size.
+    meta = json.loads((out / "meta.json").read_text())
+    np.save(out / "embeddings.npy", np.eye(8, dtype=np.float32)[np.arange(24) % 8])
+    (out / "meta.json").write_text(json.dumps({**meta, "dim": 8}))
+    with pytest.raises(IndexMismatch, match="embeddings of dimension 8, this model's have 512"):
+        search.main([str(run.snapshot), "--query", query, "--index", str(out), *QUIET])
+
+
+def test_search_through_the_catalogs_faiss_index(run, tmp_path):
+    pytest.importorskip("faiss", reason="faiss-cpu is an optional extra")
+    from tools import index as index_cli
+
+    out = gallery_catalog(run, tmp_path / "catalog")
+    flags = ["--query", str(run.root), "--max_queries", "5", "--index", str(out), "--top_k", "4", *QUIET]
+    assert search.main([str(run.snapshot), *flags, "--json", str(tmp_path / "exact.json")]) == 0
+    assert index_cli.main([str(out), "--kind", "flat", "--sample", "0"]) == 0
+    assert search.main([str(run.snapshot), *flags, "--json", str(tmp_path / "flat.json")]) == 0
+    exact, flat = read_json(tmp_path / "exact.json"), read_json(tmp_path / "flat.json")
+    assert (exact["searched"], flat["searched"]) == ("exact", "flat")
+    for a, b in zip(exact["results"], flat["results"]):
+        assert [m["path"] for m in a["matches"]] == [m["path"] for m in b["matches"]]
+        assert [m["score"] for m in a["matches"]] == pytest.approx([m["score"] for m in b["matches"]], abs=1e-5)
 
 
 def test_folder_gallery_is_searched_recursively_and_rebuilt_when_it_changes(run, tmp_path, capsys):
@@ -346,9 +389,10 @@ def test_folder_gallery_is_searched_recursively_and_rebuilt_when_it_changes(run,
         target = folder / f"level{number % 2}" / "deeper" / f"photo{number}.jpg"
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(Path(source).read_bytes())
-    flags = ["--gallery", str(folder), "--index", str(tmp_path / "f.idx"), "--top_k", "2", *QUIET]
-    assert search.main([str(run.snapshot), "--query", str(folder), *flags,
-                        "--json", str(tmp_path / "r.json")]) == 0
+    model = tmp_path / "model.pt"
+    model.symlink_to(run.snapshot)
+    flags = ["--gallery", str(folder), "--top_k", "2", *QUIET]
+    assert search.main([str(model), "--query", str(folder), *flags, "--json", str(tmp_path / "r.json")]) == 0
     results = read_json(tmp_path / "r.json")["results"]
     assert len(results) == 4
     for result in results:  # every photo finds itself first; a plain folder has no item ids
@@ -357,8 +401,8 @@ def test_folder_gallery_is_searched_recursively_and_rebuilt_when_it_changes(run,
     capsys.readouterr()
     extra = folder / "new.png"
     Image.open(sources[0]).save(extra)
-    search.main([str(run.snapshot), "--query", str(extra), *flags])
-    assert "images changed (4 indexed, 5 now)" in capsys.readouterr().out
+    search.main([str(model), "--query", str(extra), *flags])
+    assert "the image list changed (4 images then, 5 now): rebuilding it" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------
@@ -392,19 +436,28 @@ def test_empty_folder_and_corrupt_image(run, tmp_path):
         search.main([str(run.snapshot), "--gallery", str(empty), "--query", str(empty), *QUIET])
     broken = tmp_path / "broken"
     broken.mkdir()
-    (broken / "good.jpg").write_bytes(Path(InShop(run.root, "gallery").samples[0][0]).read_bytes())
+    good = broken / "good.jpg"
+    good.write_bytes(Path(InShop(run.root, "gallery").samples[0][0]).read_bytes())
     (broken / "bad.jpg").write_bytes(b"\xff\xd8 this is not a JPEG")
+    model = tmp_path / "model.pt"
+    model.symlink_to(run.snapshot)
+    # A bad gallery image is skipped (and listed); a bad query stops the search, naming it.
+    assert search.main([str(model), "--gallery", str(broken), "--query", str(good), *QUIET]) == 0
+    assert (tmp_path / "model.catalog" / "skipped.txt").read_text().startswith("bad.jpg\t")
     with pytest.raises(OSError, match="bad.jpg"):
-        search.main([str(run.snapshot), "--gallery", str(broken), "--query", str(broken),
-                     "--index", str(tmp_path / "b.idx"), *QUIET])
-    assert not (tmp_path / "b.idx").exists()  # nothing half-written
+        search.main([str(model), "--gallery", str(broken), "--query", str(broken), *QUIET])
 
 
-def test_a_file_that_is_not_an_index(run, tmp_path):
+def test_an_index_that_is_not_a_catalog_folder(run, tmp_path, monkeypatch, capsys):
     index = tmp_path / "g.idx"
     torch.save({"embeddings": torch.zeros(2, 3)}, index)
-    with pytest.raises(ValueError, match=f"{index}: not a search index"):
+    with pytest.raises(CatalogError, match=f"{index}: no such catalog folder"):
         search.main([str(run.snapshot), "--query", str(run.root), "--index", str(index), *QUIET])
+    monkeypatch.setattr(sys, "argv", ["search.py", str(run.snapshot), "--query", "q.jpg", "--index", "OUT",
+                                      "--gallery", "photos"])
+    with pytest.raises(SystemExit) as exit_status:
+        search.main(None)
+    assert exit_status.value.code == 2 and "not both" in capsys.readouterr().err
 
 
 def test_command_line_errors_are_one_line_and_exit_nonzero(tmp_path, monkeypatch, capsys):
