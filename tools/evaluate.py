@@ -145,17 +145,18 @@ def evaluate(model: LoadedModel, data_root: Path, device: torch.device, recall_a
 
 def index_metrics(query: Tensor, gallery: Tensor, query_labels: Tensor, gallery_labels: Tensor, kind: str = "flat",
                   recall_at: Sequence[int] = (1,), map_at: Sequence[int] = (10,), ap_mode: str = "IR",
-                  fingerprint: str = "evaluation", threads: int | None = None) -> dict[str, Any]:
+                  fingerprint: str = "evaluation", threads: int | None = None, **params: Any) -> dict[str, Any]:
     """retrieval_metrics' numbers, the ranking coming from a `kind` FAISS index of the gallery.
 
     The gallery becomes a catalog in a temporary folder (unit rows, as tools/embed.py writes
     them), indexed as tools/index.py would (no recall sample), and the queries are searched with
     catalog.search_index for the top max(K) rows; arcface.metrics.ranking_metrics scores them.
+    `params` override the kind's defaults (ef_search, nprobe, ...; tools/catalog.build_index).
     """
     k = min(max((*recall_at, *map_at)), gallery.shape[0])
     with tempfile.TemporaryDirectory(prefix="evaluate_index_") as folder:
         catalog = Catalog.from_array(F.normalize(gallery.float(), dim=1).numpy(), folder, fingerprint)
-        built = build_index(catalog, kind, sample=0, threads=threads)
+        built = build_index(catalog, kind, sample=0, threads=threads, **params)
         _, rows = search_index(built, query, k)
     ranked, labels = _missing_as_misses(torch.from_numpy(rows), query_labels, gallery_labels,
                                         min(max((*recall_at, *map_at)), gallery.shape[0] + 1))
