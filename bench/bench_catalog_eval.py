@@ -79,7 +79,8 @@ class LabelledEmbeddings:
         basis = self.clustered.basis
         rank = basis.shape[1]
         block = self.clustered.centres[labels].copy()
-        block += (self.variation / np.sqrt(rank)) * (rng.standard_normal((len(labels), rank), dtype=np.float32) @ basis.T)
+        variation = rng.standard_normal((len(labels), rank), dtype=np.float32) @ basis.T
+        block += (self.variation / np.sqrt(rank)) * variation
         block += (self.noise / np.sqrt(self.dim)) * rng.standard_normal((len(labels), self.dim), dtype=np.float32)
         return block / np.linalg.norm(block, axis=1, keepdims=True)
 

@@ -1,7 +1,6 @@
 """tools/embed.py: a catalog folder from a snapshot, on one process and two, resumed, with bad files."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -100,7 +99,8 @@ def test_two_processes_write_the_catalog_of_one(run, tmp_path):
     a, b = read_catalog(one), read_catalog(two)
     assert a.paths == b.paths
     np.testing.assert_allclose(b.embeddings, a.embeddings, rtol=1e-5, atol=1e-6)
-    gallery_rows = [a.paths.index(Path(p).relative_to(run.root).as_posix()) for p, _ in InShop(run.root, "gallery").samples]
+    gallery = InShop(run.root, "gallery").samples
+    gallery_rows = [a.paths.index(Path(path).relative_to(run.root).as_posix()) for path, _ in gallery]
     expected = evaluation_embeddings(run.snapshot, run.root, "gallery").numpy()
     np.testing.assert_allclose(np.asarray(b.embeddings)[gallery_rows], expected, rtol=1e-5, atol=1e-6)
     assert {k: v for k, v in b.meta.items() if k != "model"} == {k: v for k, v in a.meta.items() if k != "model"}

@@ -127,7 +127,8 @@ def _mtime(path: Path) -> int:
     return path.stat().st_mtime_ns if path.exists() else -1
 
 
-def _matches(scores: np.ndarray, rows: np.ndarray, paths: list[str], items: list[str | None] | None) -> list[list[Match]]:
+def _matches(scores: np.ndarray, rows: np.ndarray, paths: list[str],
+             items: list[str | None] | None) -> list[list[Match]]:
     """Match lists from (Q, k) scores and rows; places an approximate index left empty (row -1) are left out."""
     results = []
     for row_scores, row_rows in zip(scores.tolist(), rows.tolist()):

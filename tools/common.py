@@ -35,7 +35,7 @@ from arcface.transforms import MAX_IMAGE_PIXELS, MEAN_RGB, STD_RGB, check_max_pi
 from config import Config
 from runtime import UserError, user_message
 from snapshot import SnapshotError, atomic_output, load_snapshot
-from tools.catalog import IndexMismatch  # the one index/catalog mismatch of the tools (re-exported here)
+from tools.catalog import IndexMismatch  # noqa: F401 - the tools' one mismatch error, re-exported here
 
 EXPORT_METADATA_FILE = "retrieval.json"  # TorchScript extra file written by tools/export.py
 EXPORT_FORMAT = "arcface-retrieval-embedder"

@@ -79,7 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shard_size", type=int, default=DEFAULT_SHARD_SIZE, metavar="N",
                         help=f"images per shard, the unit a rerun skips (default {DEFAULT_SHARD_SIZE})")
     parser.add_argument("--batch_size", type=int, default=None, help="images per batch; default: the training config's")
-    parser.add_argument("--num_workers", type=int, default=None, help="loader processes per rank; default: the config's")
+    parser.add_argument("--num_workers", type=int, default=None,
+                        help="loader processes per rank; default: the config's")
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"))
     parser.add_argument("--amp", default=None, choices=("auto", "bf16", "fp16", "off"),
                         help="autocast dtype; default: the training config's (float32 on a CPU)")
@@ -193,7 +194,8 @@ def _reason(error: OSError, path: str) -> str:
     return text.removeprefix(f"{path}: ")
 
 
-def collate_marked(samples: list[tuple[int, Tensor | Unreadable]]) -> tuple[Tensor | None, list[int], list[tuple[int, str]]]:
+def collate_marked(samples: list[tuple[int, Tensor | Unreadable]]
+                   ) -> tuple[Tensor | None, list[int], list[tuple[int, str]]]:
     """(stacked good images or None, their indices, [(index, reason)] of the bad ones)."""
     good = [(index, image) for index, image in samples if not isinstance(image, Unreadable)]
     bad = [(index, image.reason) for index, image in samples if isinstance(image, Unreadable)]
@@ -317,8 +319,9 @@ def embed_catalog(model: LoadedModel, images: CatalogImages, out: Path, device: 
         if not runtime.is_main_process():
             return None
         meta = assemble(out, wanted, plan.shard_size, plan.shards)
+        reasons = f" (reasons in {out / SKIPPED_FILE})" if meta["skipped"] else ""
         print(f"{out}: {meta['count']} of {meta['listed']} images embedded ({meta['count']} x {meta['dim']} "
-              f"{dtype}), {meta['skipped']} skipped" + (f" (reasons in {out / SKIPPED_FILE})" if meta["skipped"] else ""))
+              f"{dtype}), {meta['skipped']} skipped{reasons}")
         return meta
     finally:
         for held in lock:
@@ -341,8 +344,8 @@ def _lock_and_plan(out: Path, wanted: dict[str, Any], shard_size: int, lock: lis
         _write_text(manifest_path, json.dumps({**wanted, "shard_size": shard_size}, indent=2) + "\n")
     _remove_temporaries(out / SHARDS_DIR)  # left by writes that a kill interrupted; OUT is ours now
     shards = math.ceil(wanted["listed"] / shard_size)
-    pending = [shard for shard in range(shards) if not _shard_done(out, shard, _shard_range(shard, shard_size,
-                                                                                             wanted["listed"]))]
+    pending = [shard for shard in range(shards)
+               if not _shard_done(out, shard, _shard_range(shard, shard_size, wanted["listed"]))]
     done = shards - len(pending)
     if done:
         print(f"{out}: {done} of {shards} shards already embedded; embedding the other {len(pending)}")
@@ -397,9 +400,10 @@ def _shard_done(out: Path, shard: int, indices: range) -> bool:
         record = _read_shard_record(out, shard)
         rows = np.load(_shard_paths(out, shard)[0], mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, CatalogError):
-        return False
-    return (record.get("first") == indices.start and len(record.get("names", [])) + len(record.get("skipped", []))
-            == len(indices) and rows.shape[0] == len(record["names"]))
+        return False  # missing or damaged: embedded again
+    names, skipped = record.get("names", []), record.get("skipped", [])
+    return (record.get("first") == indices.start and len(names) + len(skipped) == len(indices)
+            and rows.shape[0] == len(names))
 
 
 def _read_shard_record(out: Path, shard: int) -> dict[str, Any]:

@@ -41,8 +41,8 @@ from tools.catalog import META_FILE, Catalog, CatalogIndex, IndexMismatch, open_
 from tools.common import (ImageFiles, ImageList, LoadedModel, add_max_pixels_arg, add_model_args, add_rerank_args,
                           check_max_pixels_arg, check_rerank_args, default_data_root, is_inshop_root, list_images,
                           metadata_of, model_from_args, rerank_from_args, run_cli, write_json)
-from tools.embed import (CatalogImages, catalog_identity, catalog_items, catalog_paths, check_catalog_dim, check_catalog_model,
-                         embed_catalog, existing_mismatch, list_catalog_images, remove_catalog)
+from tools.embed import (CatalogImages, catalog_identity, catalog_items, catalog_paths, check_catalog_dim,
+                         check_catalog_model, embed_catalog, existing_mismatch, list_catalog_images, remove_catalog)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
