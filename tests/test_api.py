@@ -9,8 +9,10 @@ import single_gpu
 from arcface.inshop import InShop
 from support.config import parse_config
 from datautils import synthetic_root
-from tools import export, search
+from support.snapshot import read_snapshot, write_snapshot
+from tools import embed, export, search
 from tools.api import Match, load_retriever
+from tools.catalog import IndexMismatch
 from tools.common import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,6 +54,32 @@ def test_search_finds_the_query_itself_first_and_names_items(trained):
     folder = Path(query).parent
     in_folder = retriever.search(query, folder, k=50)[0]  # a folder: every image below it
     assert len(in_folder) == len(list(folder.glob("*.jpg"))) and in_folder[0].item is None
+
+
+def test_search_a_catalog_folder_of_embed(trained, tmp_path):
+    snapshot, root = trained
+    out = tmp_path / "catalog"
+    assert embed.main([str(snapshot), str(root), str(out), "--split", "gallery", "--num_workers", "0"]) == 0
+    gallery = InShop(root, "gallery")
+    queries = [gallery.samples[3][0], gallery.samples[10][0]]
+    retriever = load_retriever(snapshot, device="cpu")
+    from_catalog = retriever.search(queries, index=out, k=4)
+    from_gallery = retriever.search(queries, root, k=4)  # the same images, embedded here
+    assert [[m.path for m in row] for row in from_catalog] == [[m.path for m in row] for row in from_gallery]
+    for row, from_images in zip(from_catalog, from_gallery):
+        assert [m.score for m in row] == pytest.approx([m.score for m in from_images], abs=1e-5)
+    best = from_catalog[0][0]
+    assert best.path == queries[0] and best.item == gallery.item_ids[gallery.samples[3][1]]
+    # A catalog of another model's embeddings is refused; gallery and index are one or the other.
+    other = read_snapshot(snapshot)
+    other.model["backbone.conv1.weight"] += 0.05
+    write_snapshot(other, tmp_path / "other.pt")
+    with pytest.raises(IndexMismatch, match="embeddings of another model"):
+        load_retriever(tmp_path / "other.pt", device="cpu").search(queries, index=out)
+    with pytest.raises(ValueError, match="one of the two"):
+        retriever.search(queries, root, index=out)
+    with pytest.raises(ValueError, match="one of the two"):
+        retriever.search(queries)
 
 
 def test_an_export_embeds_like_its_snapshot(trained, tmp_path):

@@ -217,3 +217,21 @@ def test_metrics_checks_pass_a_good_run_and_name_each_failure():
     assert [k for k, ok in nan.items() if not ok] == ["loss_finite", "resumed_from_snapshot"]
     short = gpu_check.metrics_checks(metrics_lines([40.0, 38.0, 37.0]), "resuming from snapshot", 4)
     assert [k for k, ok in short.items() if not ok] == ["epochs_trained", "evaluation_ran"]
+
+
+# ------------------------------------------------------------------------------------------
+# bench_catalog_eval.py
+
+
+def test_bench_catalog_eval_runs_small_flat_is_exact_and_ends_with_json(run_main):
+    pytest.importorskip("faiss", reason="faiss-cpu is an optional extra")
+    from bench import bench_catalog_eval
+
+    summary, out = run_main(bench_catalog_eval.main, ["--items", "60", "--queries", "200", "--gallery", "150",
+                                                      "--dim", "16", "--kinds", "flat,hnsw", "--ef_search", "80"])
+    assert last_json(out) == summary and summary["bench"] == "catalog_eval"
+    exact, (flat, hnsw) = summary["exact"], summary["results"]
+    assert (flat["kind"], hnsw["kind"]) == ("flat", "hnsw") and hnsw["params"]["ef_search"] == 80
+    assert {key: flat[key] for key in ("recall@1", "mAP@10")} == {key: exact[key] for key in ("recall@1", "mAP@10")}
+    assert summary["target_met"] == (max(abs(hnsw[k] - exact[k]) for k in ("recall@1", "mAP@10")) <= 0.1)
+    assert "target: hnsw Recall@1 and mAP@10 within 0.1 points" in out

@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -19,8 +20,9 @@ from arcface.inshop import InShop
 from arcface.transforms import Preprocessing, load_image, test_transform
 from support.config import Config, dump_toml, from_plain, parse_config, to_plain
 from datautils import synthetic_root
-from tools import evaluate, export, search, visualize
+from tools import embed, evaluate, export, search, visualize
 from tools.api import load_retriever
+from tools.catalog import CatalogError, read_catalog
 from tools.common import IndexMismatch, Preprocess, fingerprint, load_model, preprocess_of, run_cli
 from support.snapshot import SNAPSHOT_VERSION, Snapshot, SnapshotError, read_snapshot, write_snapshot
 
@@ -77,6 +79,64 @@ def test_evaluate_under_torchrun_equals_one_process(run, tmp_path):
     same_metrics(two, one, keys=("recall@1", "recall@2", "recall@4", "mAP@3", "mAP@10"))
 
 
+def test_evaluate_through_a_flat_index_equals_exact_evaluation(run, tmp_path, capsys):
+    pytest.importorskip("faiss", reason="faiss-cpu is an optional extra")
+    assert evaluate.main([str(run.snapshot), "--out", str(tmp_path / "exact.json")]) == 0
+    assert evaluate.main([str(run.snapshot), "--index", "flat", "--out", str(tmp_path / "flat.json")]) == 0
+    assert "through a flat index" in capsys.readouterr().out
+    exact, flat = read_json(tmp_path / "exact.json"), read_json(tmp_path / "flat.json")
+    assert flat.pop("index") == {"kind": "flat", "params": {}}
+    assert flat == exact  # the same ranking, so the same numbers to the last bit
+
+
+def labelled_embeddings(labels: int, queries: int, gallery: int, dim: int = 32, seed: int = 0):
+    """Unit rows around one random centre per label; every label has a gallery row."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.nn.functional.normalize(torch.randn(labels, dim, generator=generator), dim=1)
+    gallery_labels = torch.cat([torch.arange(labels), torch.randint(labels, (gallery - labels,), generator=generator)])
+    query_labels = torch.randint(labels, (queries,), generator=generator)
+
+    def rows(of: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(centres[of] + 0.2 * torch.randn(len(of), dim, generator=generator), dim=1)
+
+    return rows(query_labels), rows(gallery_labels), query_labels, gallery_labels
+
+
+def test_index_metrics_flat_equals_retrieval_metrics_and_hnsw_is_close():
+    pytest.importorskip("faiss", reason="faiss-cpu is an optional extra")
+    from arcface.metrics import retrieval_metrics
+
+    query, gallery, query_labels, gallery_labels = labelled_embeddings(150, 700, 900)
+    settings = {"recall_at": (1, 5), "map_at": (10,)}
+    exact = retrieval_metrics(query, gallery, query_labels, gallery_labels, **settings)
+    flat = evaluate.index_metrics(query, gallery, query_labels, gallery_labels, "flat", **settings)
+    assert flat.pop("index")["kind"] == "flat" and flat == exact
+    assert 20 < exact["recall@1"] < 95  # a set where the ranking matters
+    hnsw = evaluate.index_metrics(query, gallery, query_labels, gallery_labels, "hnsw", **settings)
+    assert hnsw.pop("index")["params"]["ef_search"] == 64
+    for key in ("recall@1", "recall@5", "mAP@10"):
+        assert abs(hnsw[key] - exact[key]) <= 0.5, key
+    # K above the gallery size, as retrieval_metrics allows.
+    small = evaluate.index_metrics(query[:20], gallery[:150], query_labels[:20], gallery_labels[:150], "flat",
+                                   recall_at=(1, 200), map_at=(300,))
+    small.pop("index")
+    assert small == retrieval_metrics(query[:20], gallery[:150], query_labels[:20], gallery_labels[:150],
+                                      recall_at=(1, 200), map_at=(300,))
+
+
+def test_places_an_index_left_empty_count_as_misses():
+    from arcface.metrics import ranking_metrics
+
+    query_labels, gallery_labels = torch.tensor([0, 1]), torch.tensor([0, 1, 1, 0])
+    full = torch.tensor([[0, 3, 1], [1, 2, 0]])
+    holed = torch.tensor([[0, -1, -1], [-1, 1, 2]])  # query 1: its first place empty
+    ranked, labels = evaluate._missing_as_misses(holed, query_labels, gallery_labels, 3)
+    metrics = ranking_metrics(ranked, query_labels, labels, recall_at=(1, 3), map_at=(3,))
+    assert metrics["recall@1"] == 50.0 and metrics["recall@3"] == 100.0
+    assert metrics["mAP@3"] == pytest.approx(100 * (1 / 2 + (1 / 2 + 2 / 3) / 2) / 2)
+    assert ranking_metrics(full, query_labels, gallery_labels, recall_at=(1,), map_at=(3,))["recall@1"] == 100.0
+
+
 def test_mmpretrain_argument_errors(run):
     with pytest.raises(ValueError, match="--arch"):
         evaluate.main(["--mmpretrain", str(run.snapshot), "--num_classes", "3"])
@@ -125,13 +185,19 @@ def test_evaluate_rerank_kr_reports_its_settings_and_lambda_one_is_plain(run, tm
     assert plain == read_json(tmp_path / "plain.json")  # lambda = 1: the cosine ranking, bit for bit
 
 
-def test_search_rerank_ranks_the_index_and_says_how(run, tmp_path, capsys):
-    flags = ["--query", str(run.root), "--max_queries", "4", "--index", str(tmp_path / "g.idx"), "--top_k", "3",
-             *QUIET]
+def gallery_catalog(run, out: Path) -> Path:
+    """The gallery split embedded by tools/embed.py into `out`."""
+    assert embed.main([str(run.snapshot), str(run.root), str(out), "--split", "gallery", *QUIET]) == 0
+    return out
+
+
+def test_search_rerank_ranks_the_catalog_and_says_how(run, tmp_path, capsys):
+    out = gallery_catalog(run, tmp_path / "catalog")
+    flags = ["--query", str(run.root), "--max_queries", "4", "--index", str(out), "--top_k", "3", *QUIET]
     assert search.main([str(run.snapshot), *flags, "--json", str(tmp_path / "plain.json")]) == 0
     assert search.main([str(run.snapshot), *flags, "--rerank", "none", "--json", str(tmp_path / "none.json")]) == 0
     assert (tmp_path / "none.json").read_text() == (tmp_path / "plain.json").read_text()
-    index = torch.load(tmp_path / "g.idx", weights_only=True)
+    paths = embed.catalog_paths(read_catalog(out))
     for method in ("qe", "kr"):
         capsys.readouterr()
         assert search.main([str(run.snapshot), *flags, "--rerank", method, "--json", str(tmp_path / "r.json")]) == 0
@@ -142,7 +208,7 @@ def test_search_rerank_ranks_the_index_and_says_how(run, tmp_path, capsys):
             matches = result["matches"]
             assert [m["rank"] for m in matches] == [1, 2, 3]
             assert all(a["score"] >= b["score"] for a, b in zip(matches, matches[1:]))
-            assert all(m["path"] in index["paths"] for m in matches)
+            assert all(m["path"] in paths for m in matches)
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -158,6 +224,15 @@ def test_rerank_flag_errors_end_with_usage(tmp_path, monkeypatch, capsys, flags,
             tool.main(None)
         assert exit_status.value.code == 2
         assert message in capsys.readouterr().err
+
+
+def test_evaluate_index_and_rerank_exclude_each_other(monkeypatch, capsys):
+    for flags, message in ((["--index", "hnsw", "--rerank", "qe"], "--index and --rerank"),
+                           (["--index", "annoy"], "invalid choice: 'annoy'")):
+        monkeypatch.setattr(sys, "argv", [evaluate.__file__, "snapshot.pt", *flags])
+        with pytest.raises(SystemExit) as exit_status:
+            evaluate.main(None)
+        assert exit_status.value.code == 2 and message in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------
@@ -196,7 +271,7 @@ def test_mmpretrain_checkpoint_searches(run, tmp_path):
     assert search.main(["--mmpretrain", str(checkpoint), "--arch", "resnet18", "--num_classes",
                         str(run.num_classes), "--resize", "32", "--crop", "28", "--gallery", str(run.root),
                         "--query", image, *QUIET, "--json", str(tmp_path / "r.json")]) == 0
-    assert (tmp_path / "arcface.index.pt").exists()  # default index: next to the checkpoint
+    assert (tmp_path / "arcface.catalog" / "meta.json").exists()  # default catalog: next to the checkpoint
     assert read_json(tmp_path / "r.json")["results"][0]["matches"][0]["path"] == image
 
 
@@ -213,8 +288,8 @@ def embedding_of(model, path: str) -> torch.Tensor:
 def test_search_finds_a_gallery_image_first_with_cosine_scores(run, tmp_path):
     gallery = InShop(run.root, "gallery")
     image = gallery.samples[5][0]
-    assert search.main([str(run.snapshot), "--query", image, "--index", str(tmp_path / "g.idx"),
-                        "--top_k", "4", *QUIET, "--json", str(tmp_path / "r.json")]) == 0
+    assert search.main([str(run.snapshot), "--query", image, "--top_k", "4", *QUIET,
+                        "--json", str(tmp_path / "r.json")]) == 0
     (result,) = read_json(tmp_path / "r.json")["results"]
     matches = result["matches"]
     assert matches[0]["path"] == image and matches[0]["score"] == pytest.approx(1.0, abs=1e-5)
@@ -231,8 +306,8 @@ def test_search_finds_a_gallery_image_first_with_cosine_scores(run, tmp_path):
 
 
 def test_search_inshop_queries_know_their_items(run, tmp_path, capsys):
-    assert search.main([str(run.snapshot), "--query", str(run.root), "--max_queries", "3", "--index",
-                        str(tmp_path / "g.idx"), *QUIET, "--json", str(tmp_path / "r.json")]) == 0
+    assert search.main([str(run.snapshot), "--query", str(run.root), "--max_queries", "3", *QUIET,
+                        "--json", str(tmp_path / "r.json")]) == 0
     results = read_json(tmp_path / "r.json")["results"]
     query_set = InShop(run.root, "query")
     item_of = {path: query_set.item_ids[label] for path, label in query_set.samples}
@@ -248,21 +323,23 @@ def perturbed_snapshot(run, path: Path, key: str) -> Path:
     return path
 
 
-def test_index_is_reused_until_the_model_changes(run, tmp_path, capsys):
-    index = tmp_path / "g.idx"
+def test_the_default_catalog_is_reused_until_the_model_changes(run, tmp_path, capsys):
+    model = tmp_path / "model.pt"  # its default catalog: tmp_path/model.catalog/
+    catalog = tmp_path / "model.catalog"
     query = InShop(run.root, "gallery").samples[0][0]
 
-    def search_with(model: Path, *flags: str) -> str:
-        search.main([str(model), "--query", query, "--index", str(index), *QUIET, *flags])
+    def search_with(source: Path, *flags: str) -> str:
+        model.write_bytes(source.read_bytes())
+        search.main([str(model), "--query", query, *QUIET, *flags])
         return capsys.readouterr().out
 
-    assert "written to" in search_with(run.snapshot)
-    built = os.stat(index).st_mtime_ns
-    assert "using the index" in search_with(run.snapshot)
-    assert os.stat(index).st_mtime_ns == built
-    # The ArcFace head plays no part in embeddings: changing it keeps the index.
+    assert "catalog of 24 images written to" in search_with(run.snapshot)
+    built = os.stat(catalog / "embeddings.npy").st_mtime_ns
+    assert "using the catalog" in search_with(run.snapshot)
+    assert os.stat(catalog / "embeddings.npy").st_mtime_ns == built
+    # The ArcFace head plays no part in embeddings: changing it keeps the catalog.
     head_changed = perturbed_snapshot(run, tmp_path / "head.pt", "head.weight")
-    assert "using the index" in search_with(head_changed)
+    assert "using the catalog" in search_with(head_changed)
     # Other backbone weights: refused with --no_rebuild, rebuilt otherwise.
     retrained = perturbed_snapshot(run, tmp_path / "retrained.pt", "backbone.conv1.weight")
     old, new = load_model(run.snapshot).fingerprint, load_model(retrained).fingerprint
@@ -270,8 +347,41 @@ def test_index_is_reused_until_the_model_changes(run, tmp_path, capsys):
     with pytest.raises(IndexMismatch, match=f"another model.*{old}.*{new}"):
         search_with(retrained, "--no_rebuild")
     rebuilt = search_with(retrained)
-    assert "built by another model" in rebuilt and "rebuilding" in rebuilt
-    assert torch.load(index, weights_only=True)["fingerprint"] == new
+    assert "made by another model" in rebuilt and "rebuilding it" in rebuilt
+    assert read_catalog(catalog).fingerprint == new
+
+
+def test_a_catalog_of_another_model_is_refused_in_one_line(run, tmp_path, monkeypatch, capsys):
+    out = gallery_catalog(run, tmp_path / "catalog")
+    retrained = perturbed_snapshot(run, tmp_path / "retrained.pt", "backbone.conv1.weight")
+    query = InShop(run.root, "query").samples[0][0]
+    monkeypatch.setattr(sys, "argv", ["search.py", str(retrained), "--query", query, "--index", str(out), *QUIET])
+    capsys.readouterr()
+    assert run_cli(search.main) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out}: embeddings of another model (fingerprint ") and err.count("\n") == 1
+    # Another dimension: a catalog whose rows are not this model's size.
+    meta = json.loads((out / "meta.json").read_text())
+    np.save(out / "embeddings.npy", np.eye(8, dtype=np.float32)[np.arange(24) % 8])
+    (out / "meta.json").write_text(json.dumps({**meta, "dim": 8}))
+    with pytest.raises(IndexMismatch, match="embeddings of dimension 8, this model's have 512"):
+        search.main([str(run.snapshot), "--query", query, "--index", str(out), *QUIET])
+
+
+def test_search_through_the_catalogs_faiss_index(run, tmp_path):
+    pytest.importorskip("faiss", reason="faiss-cpu is an optional extra")
+    from tools import index as index_cli
+
+    out = gallery_catalog(run, tmp_path / "catalog")
+    flags = ["--query", str(run.root), "--max_queries", "5", "--index", str(out), "--top_k", "4", *QUIET]
+    assert search.main([str(run.snapshot), *flags, "--json", str(tmp_path / "exact.json")]) == 0
+    assert index_cli.main([str(out), "--kind", "flat", "--sample", "0"]) == 0
+    assert search.main([str(run.snapshot), *flags, "--json", str(tmp_path / "flat.json")]) == 0
+    exact, flat = read_json(tmp_path / "exact.json"), read_json(tmp_path / "flat.json")
+    assert (exact["searched"], flat["searched"]) == ("exact", "flat")
+    for a, b in zip(exact["results"], flat["results"]):
+        assert [m["path"] for m in a["matches"]] == [m["path"] for m in b["matches"]]
+        assert [m["score"] for m in a["matches"]] == pytest.approx([m["score"] for m in b["matches"]], abs=1e-5)
 
 
 def test_folder_gallery_is_searched_recursively_and_rebuilt_when_it_changes(run, tmp_path, capsys):
@@ -281,9 +391,10 @@ def test_folder_gallery_is_searched_recursively_and_rebuilt_when_it_changes(run,
         target = folder / f"level{number % 2}" / "deeper" / f"photo{number}.jpg"
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(Path(source).read_bytes())
-    flags = ["--gallery", str(folder), "--index", str(tmp_path / "f.idx"), "--top_k", "2", *QUIET]
-    assert search.main([str(run.snapshot), "--query", str(folder), *flags,
-                        "--json", str(tmp_path / "r.json")]) == 0
+    model = tmp_path / "model.pt"
+    model.symlink_to(run.snapshot)
+    flags = ["--gallery", str(folder), "--top_k", "2", *QUIET]
+    assert search.main([str(model), "--query", str(folder), *flags, "--json", str(tmp_path / "r.json")]) == 0
     results = read_json(tmp_path / "r.json")["results"]
     assert len(results) == 4
     for result in results:  # every photo finds itself first; a plain folder has no item ids
@@ -292,8 +403,8 @@ def test_folder_gallery_is_searched_recursively_and_rebuilt_when_it_changes(run,
     capsys.readouterr()
     extra = folder / "new.png"
     Image.open(sources[0]).save(extra)
-    search.main([str(run.snapshot), "--query", str(extra), *flags])
-    assert "images changed (4 indexed, 5 now)" in capsys.readouterr().out
+    search.main([str(model), "--query", str(extra), *flags])
+    assert "the image list changed (4 images then, 5 now): rebuilding it" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------
@@ -327,19 +438,28 @@ def test_empty_folder_and_corrupt_image(run, tmp_path):
         search.main([str(run.snapshot), "--gallery", str(empty), "--query", str(empty), *QUIET])
     broken = tmp_path / "broken"
     broken.mkdir()
-    (broken / "good.jpg").write_bytes(Path(InShop(run.root, "gallery").samples[0][0]).read_bytes())
+    good = broken / "good.jpg"
+    good.write_bytes(Path(InShop(run.root, "gallery").samples[0][0]).read_bytes())
     (broken / "bad.jpg").write_bytes(b"\xff\xd8 this is not a JPEG")
+    model = tmp_path / "model.pt"
+    model.symlink_to(run.snapshot)
+    # A bad gallery image is skipped (and listed); a bad query stops the search, naming it.
+    assert search.main([str(model), "--gallery", str(broken), "--query", str(good), *QUIET]) == 0
+    assert (tmp_path / "model.catalog" / "skipped.txt").read_text().startswith("bad.jpg\t")
     with pytest.raises(OSError, match="bad.jpg"):
-        search.main([str(run.snapshot), "--gallery", str(broken), "--query", str(broken),
-                     "--index", str(tmp_path / "b.idx"), *QUIET])
-    assert not (tmp_path / "b.idx").exists()  # nothing half-written
+        search.main([str(model), "--gallery", str(broken), "--query", str(broken), *QUIET])
 
 
-def test_a_file_that_is_not_an_index(run, tmp_path):
+def test_an_index_that_is_not_a_catalog_folder(run, tmp_path, monkeypatch, capsys):
     index = tmp_path / "g.idx"
     torch.save({"embeddings": torch.zeros(2, 3)}, index)
-    with pytest.raises(ValueError, match=f"{index}: not a search index"):
+    with pytest.raises(CatalogError, match=f"{index}: no such catalog folder"):
         search.main([str(run.snapshot), "--query", str(run.root), "--index", str(index), *QUIET])
+    monkeypatch.setattr(sys, "argv", ["search.py", str(run.snapshot), "--query", "q.jpg", "--index", "OUT",
+                                      "--gallery", "photos"])
+    with pytest.raises(SystemExit) as exit_status:
+        search.main(None)
+    assert exit_status.value.code == 2 and "not both" in capsys.readouterr().err
 
 
 def test_command_line_errors_are_one_line_and_exit_nonzero(tmp_path, monkeypatch, capsys):

@@ -6,12 +6,15 @@
     vectors = retriever.embed(["a.jpg", "b.jpg"])                # (2, D), L2-normalised
     for match in retriever.search("query.jpg", "shop_photos/", k=5)[0]:
         print(match.rank, f"{match.score:.3f}", match.path)
+    retriever.search(["q1.jpg", "q2.jpg"], index="runs/demo/catalog", k=10)  # a catalog of tools/embed.py
 
 A model is anything `tools/common.load_model` reads: a training snapshot or a TorchScript export
 (for mmpretrain checkpoints use `tools.common.load_mmpretrain` and pass the result to
 `Retriever`). Images are preprocessed with the pipeline the model was trained and evaluated with
 (sizes, normalisation and resize interpolation as the snapshot or export records them). Searching
 the same gallery again reuses its embeddings (kept in memory, keyed by the gallery's paths).
+`index=OUT` searches a catalog folder of tools/embed.py instead: through its FAISS index when
+tools/index.py built one, exactly otherwise; a catalog of another model's embeddings is refused.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -27,8 +31,10 @@ from torch import Tensor
 from support import runtime
 from arcface.retrieval import extract_embeddings
 from arcface.transforms import MAX_IMAGE_PIXELS
+from tools.catalog import (INDEX_INFO_FILE, META_FILE, Catalog, CatalogIndex, exact_search, open_searcher,
+                           read_catalog, search_index)
 from tools.common import ImageFiles, LoadedModel, list_images, load_model
-from tools.search import top_k
+from tools.embed import catalog_items, catalog_paths, check_catalog_dim, check_catalog_model
 
 ImagePaths = str | os.PathLike | Sequence[str | os.PathLike]
 
@@ -50,6 +56,7 @@ class Retriever:
         self.batch_size = batch_size
         self.max_pixels = max_pixels
         self._gallery: tuple[tuple[str, ...], Tensor, list[str] | None] | None = None
+        self._catalog: tuple[tuple[str, int, int], _OpenCatalog] | None = None
 
     @property
     def fingerprint(self) -> str:
@@ -64,18 +71,37 @@ class Retriever:
         paths, _ = _paths(images)
         return self._embed(paths)
 
-    def search(self, queries: ImagePaths, gallery: ImagePaths, k: int = 5) -> list[list[Match]]:
+    def search(self, queries: ImagePaths, gallery: ImagePaths | None = None, k: int = 5, *,
+               index: str | os.PathLike | None = None) -> list[list[Match]]:
         """The k best gallery images for each query, best first (one list per query image).
 
-        `gallery` is a folder, an In-Shop root (its gallery split), or a list of image paths.
+        `gallery` is a folder, an In-Shop root (its gallery split), or a list of image paths; or
+        `index` is a catalog folder of tools/embed.py (one of the two).
         """
         if k < 1:
             raise ValueError(f"k: expected an integer >= 1, got {k}")
+        if (gallery is None) == (index is None):
+            raise ValueError("search: give gallery= (images embedded here) or index= (a catalog folder of "
+                             "tools/embed.py), one of the two")
+        vectors = self.embed(queries)
+        if index is not None:
+            opened = self._open_catalog(Path(index))
+            check_catalog_dim(opened.catalog, vectors.shape[1])
+            scores, rows = search_index(opened.searcher, vectors, k)
+            return _matches(scores, rows, opened.paths, opened.items)
         gallery_paths, gallery_vectors, items = self._gallery_embeddings(gallery)
-        scores, indices = top_k(self.embed(queries), gallery_vectors, k)
-        return [[Match(rank, float(score), gallery_paths[index], items[index] if items else None)
-                 for rank, (score, index) in enumerate(zip(row_scores.tolist(), row_indices.tolist()), start=1)]
-                for row_scores, row_indices in zip(scores, indices)]
+        scores, rows = exact_search(gallery_vectors.numpy(), vectors.numpy(), k)
+        return _matches(scores, rows, list(gallery_paths), items)
+
+    def _open_catalog(self, path: Path) -> _OpenCatalog:
+        """The catalog (and its index), kept open while its meta.json and index.json are unchanged."""
+        key = (str(path.resolve()), _mtime(path / META_FILE), _mtime(path / INDEX_INFO_FILE))
+        if self._catalog is None or self._catalog[0] != key:
+            catalog = read_catalog(path)
+            check_catalog_model(catalog, self.model)
+            self._catalog = (key, _OpenCatalog(catalog, open_searcher(catalog), catalog_paths(catalog),
+                                               catalog_items(catalog)))
+        return self._catalog[1]
 
     def _embed(self, paths: list[str]) -> Tensor:
         images = ImageFiles(paths, self.model.preprocess.transform(), self.max_pixels)
@@ -88,6 +114,29 @@ class Retriever:
         if self._gallery is None or self._gallery[0] != key:
             self._gallery = (key, self._embed(paths), items)
         return self._gallery
+
+
+@dataclass(frozen=True)
+class _OpenCatalog:
+    catalog: Catalog
+    searcher: Catalog | CatalogIndex
+    paths: list[str]  # absolute
+    items: list[str | None] | None
+
+
+def _mtime(path: Path) -> int:
+    return path.stat().st_mtime_ns if path.exists() else -1
+
+
+def _matches(scores: np.ndarray, rows: np.ndarray, paths: list[str],
+             items: list[str | None] | None) -> list[list[Match]]:
+    """Match lists from (Q, k) scores and rows; places an approximate index left empty (row -1) are left out."""
+    results = []
+    for row_scores, row_rows in zip(scores.tolist(), rows.tolist()):
+        found = [(score, row) for score, row in zip(row_scores, row_rows) if row >= 0]
+        results.append([Match(rank, score, paths[row], items[row] if items else None)
+                        for rank, (score, row) in enumerate(found, start=1)])
+    return results
 
 
 def load_retriever(path: str | os.PathLike, device: str | torch.device = "auto", batch_size: int = 64,

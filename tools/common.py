@@ -28,15 +28,37 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from arcface.inshop import PARTITION_FILE, InShop
-from arcface.model import (MMPRETRAIN_FAMILIES, RetrievalModel, build_model, family_of, fit_position_embedding,
-                           load_mmpretrain_retriever)
-from arcface.rerank import KR_K1, KR_K2, KR_LAMBDA, QE_ALPHA, QE_K, RERANK_METHODS, Rerank
-from arcface.transforms import (MAX_IMAGE_PIXELS, MEAN_RGB, STD_RGB, Preprocessing, check_max_pixels, load_image,
-                                test_transform)
+from arcface.model import (
+    MMPRETRAIN_FAMILIES,
+    RetrievalModel,
+    build_model,
+    family_of,
+    fit_position_embedding,
+    load_mmpretrain_retriever,
+)
+from arcface.rerank import (
+    KR_K1,
+    KR_K2,
+    KR_LAMBDA,
+    QE_ALPHA,
+    QE_K,
+    RERANK_METHODS,
+    Rerank,
+)
+from arcface.transforms import (
+    MAX_IMAGE_PIXELS,
+    MEAN_RGB,
+    STD_RGB,
+    Preprocessing,
+    check_max_pixels,
+    load_image,
+    test_transform,
+)
 from support.atomicfile import atomic_output
 from support.config import Config, ConfigError, from_plain
 from support.errors import one_line_errors
 from support.snapshot import SnapshotError, read_snapshot
+from tools.catalog import IndexMismatch  # noqa: F401 - the tools' one mismatch error, re-exported here
 
 EXPORT_METADATA_FILE = "retrieval.json"  # TorchScript extra file written by tools/export.py
 EXPORT_FORMAT = "arcface-retrieval-embedder"
@@ -193,18 +215,19 @@ def model_from_args(args: argparse.Namespace) -> LoadedModel:
     return load_model(args.model, args.resize, args.crop)
 
 
+# What a tool reports in one line besides the front door's own: a bad argument (ValueError, of
+# which catalog and index errors are), a missing optional package (ImportError).
+TOOL_ERRORS = (ValueError, ImportError)
+
+
 def run_cli(main: Callable[[list[str] | None], int]) -> int:
     """Runs a tool's main behind the project's one error front door (support.errors): bad input,
     a tool's bad argument (ValueError), a missing optional package (ImportError) and a mismatched
     index end with one `error: ...` line; returns the exit status."""
     try:
-        return one_line_errors(main, also=(ValueError, ImportError, IndexMismatch))(None)
+        return one_line_errors(main, also=TOOL_ERRORS)(None)
     except SystemExit as stop:
         return stop.code if isinstance(stop.code, int) else 1
-
-
-class IndexMismatch(RuntimeError):
-    """A search index that was built by another model or from other images."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -381,7 +404,9 @@ def default_data_root(model: LoadedModel) -> Path:
     if model.config is None:
         raise ValueError(f"{model.source} does not record its training data: pass --data_root "
                          "(an In-Shop root holding Eval/list_eval_partition.txt)")
-    from datautils import synthetic_root  # generates the synthetic set if it is not there yet
+    from datautils import (
+        synthetic_root,  # generates the synthetic set if it is not there yet
+    )
 
     cfg = training_config(model.config, Path(model.source))
     return Path(cfg.data_root) if cfg.data_root else synthetic_root(cfg)
@@ -456,4 +481,3 @@ def write_json(data: Any, path: str | os.PathLike) -> None:
 def metadata_of(model: LoadedModel) -> dict[str, Any]:
     """What a result file says about the model that produced it."""
     return {"model": model.source, "fingerprint": model.fingerprint, "preprocess": model.preprocess.as_dict()}
-
