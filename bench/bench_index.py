@@ -4,15 +4,21 @@
     python bench/bench_index.py --n 200000 --kinds hnsw --sweep          # recall and time per ef_search
 
 The rows are synthetic unit vectors clustered like a trained model's embeddings of a product
-catalog: n / 100 items in n / 10,000 categories. A category is a random direction (two categories
-are nearly orthogonal); an item's centre is its category's plus a random offset of 0.9 times its
-length (items of one category: cosines around 0.55); a row is its item's centre plus a variation
-of norm 0.6 in a 32-dimensional subspace shared by all items (pose, light, background: what
-moves one item's images) and an isotropic noise of norm 0.3, L2-normalised. Rows of one item
-have cosines around 0.7, of two items of a category around 0.4 (0.6 when their variations
-agree: identity outweighs pose, as in a trained model, but not by much), of two categories
-around 0. The queries are fresh rows of the same items, not in the catalog. Rows are generated
-in chunks, so memory is the float32 catalog (4 x n x dim bytes) and the index being measured.
+catalog: n / 100 items, each row its item's centre plus a variation of norm 0.6 in a
+32-dimensional subspace shared by all items (pose, light, background: what moves one item's
+images) and an isotropic noise of norm 0.3, L2-normalised, so rows of one item have cosines
+around 0.7. Where the item centres lie is --data:
+
+    items       (default) spread through a random 64-dimensional subspace: two items have cosines
+                around 0 +- 0.13 and an item's nearest other item about 0.4, so items near a query
+                lead to nearer ones.
+    categories  n / 10,000 mutually orthogonal categories, each item its category's direction plus
+                a random offset 0.9 times as long: all items of a category at cosine 0.55 from each
+                other, all others at 0. Nothing near a wrong item leads towards the right one: a
+                worst case for graph search (hnsw), which bench figures show in docs/CATALOG.md.
+
+The queries are fresh rows of the same items, not in the catalog. Rows are generated in chunks,
+so memory is the float32 catalog (4 x n x dim bytes) and the index being measured.
 
 Each kind is built with tools/index.py's code (catalog.build_index, then save_index into a
 temporary folder: bytes per vector is index.faiss's size / n), on every thread (or --threads).
@@ -42,9 +48,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools.catalog import (Catalog, build_index, exact_search, import_faiss, plan_index,  # noqa: E402
                            recall_at, save_index, search_index, set_threads)
 
+LAYOUTS = ("items", "categories")
 ROWS_PER_ITEM = 100
-ITEMS_PER_CATEGORY = 100
-ITEM_OFFSET = 0.9  # norm of an item's offset from its category's direction (1)
+ITEM_RANK = 64  # "items": the centres' subspace
+ITEMS_PER_CATEGORY = 100  # "categories"
+ITEM_OFFSET = 0.9  # "categories": norm of an item's offset from its category's direction (1)
 VARIATION_RANK = 32
 VARIATION = 0.6  # norm of a row's variation in the shared subspace, its item's centre being 1
 NOISE = 0.3  # norm of a row's isotropic noise
@@ -61,6 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--kinds", default="flat,hnsw,ivfpq", help="comma-separated: flat, hnsw, ivfpq")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data", choices=LAYOUTS, default="items",
+                        help="items: centres spread through a 64-d subspace (default); categories: "
+                             "orthogonal categories of equidistant items, a worst case for hnsw")
     parser.add_argument("--threads", type=int, default=None, help="build threads (default: all)")
     parser.add_argument("--sweep", action="store_true",
                         help="also time hnsw's ef_search and ivfpq's nprobe x rerank over a grid")
@@ -82,17 +93,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 class ClusteredEmbeddings:
-    """Unit rows of n / ROWS_PER_ITEM items in categories; `rows(n, stream)` draws n of them, chunk by chunk."""
+    """Unit rows of n / ROWS_PER_ITEM items; `rows(n, stream)` draws n of them, chunk by chunk.
 
-    def __init__(self, n: int, dim: int, seed: int) -> None:
+    layout "items": item centres spread through an ITEM_RANK-dimensional subspace, so some items
+    are near each other and most are not; "categories": items in mutually orthogonal categories,
+    all items of a category equally far apart (a worst case for graph search, see the docstring).
+    """
+
+    def __init__(self, n: int, dim: int, seed: int, layout: str = "items") -> None:
         rng = np.random.default_rng([seed, 0])
         self.dim, self.seed = dim, seed
         self.clusters = max(1, n // ROWS_PER_ITEM)
-        categories = _unit(rng.standard_normal((max(1, self.clusters // ITEMS_PER_CATEGORY), dim), dtype=np.float32))
-        offsets = _unit(rng.standard_normal((self.clusters, dim), dtype=np.float32))
-        self.centres = _unit(categories[rng.integers(len(categories), size=self.clusters)] + ITEM_OFFSET * offsets)
-        rank = min(VARIATION_RANK, dim)
-        self.basis = np.linalg.qr(rng.standard_normal((dim, rank)))[0].astype(np.float32)  # orthonormal columns
+        if layout == "categories":
+            categories = _unit(rng.standard_normal((max(1, self.clusters // ITEMS_PER_CATEGORY), dim),
+                                                   dtype=np.float32))
+            offsets = _unit(rng.standard_normal((self.clusters, dim), dtype=np.float32))
+            self.centres = _unit(categories[rng.integers(len(categories), size=self.clusters)]
+                                 + ITEM_OFFSET * offsets)
+        elif layout == "items":
+            latent = rng.standard_normal((self.clusters, min(ITEM_RANK, dim)), dtype=np.float32)
+            self.centres = _unit(latent @ _orthonormal(rng, dim, latent.shape[1]).T)
+        else:
+            raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+        self.basis = _orthonormal(rng, dim, min(VARIATION_RANK, dim))
 
     def rows(self, n: int, stream: int) -> np.ndarray:
         """n rows (float32); another stream draws other rows of the same items."""
@@ -110,6 +133,11 @@ class ClusteredEmbeddings:
 
 def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _orthonormal(rng: np.random.Generator, dim: int, rank: int) -> np.ndarray:
+    """(dim, rank) float32 with orthonormal columns: a random subspace."""
+    return np.linalg.qr(rng.standard_normal((dim, rank)))[0].astype(np.float32)
 
 
 # ------------------------------------------------------------------------------------------
@@ -148,8 +176,8 @@ def measure(kind: str, catalog: Catalog, queries: np.ndarray, truth: np.ndarray,
     k = truth.shape[1]
     rows, ms, wall_ms = timed_search(built, queries, k)
     result = {"kind": kind, "recall_at_10": round(recall_at(rows, truth), 4), "ms_per_query": round(ms, 4),
-              "ms_per_query_wall": round(wall_ms, 4), "bytes_per_vector": built.info["bytes_per_vector"], "build_s": built.info["build_seconds"],
-              "params": dict(built.params)}
+              "ms_per_query_wall": round(wall_ms, 4), "bytes_per_vector": built.info["bytes_per_vector"],
+              "build_s": built.info["build_seconds"], "params": dict(built.params)}
     print(f"  {format_row(result)}", flush=True)
     sweep = []
     if args.sweep and kind in SWEEP:
@@ -167,16 +195,18 @@ def measure(kind: str, catalog: Catalog, queries: np.ndarray, truth: np.ndarray,
 def format_row(result: dict[str, Any]) -> str:
     params = ", ".join(f"{key} {value}" for key, value in result["params"].items()) or "-"
     return (f"{result['kind']:<7}{result['build_s']:>10.1f}{result['bytes_per_vector']:>12.1f}"
-            f"{result['recall_at_10']:>11.4f}{result['ms_per_query']:>11.3f}{result['ms_per_query_wall']:>11.3f}  {params}")
+            f"{result['recall_at_10']:>11.4f}{result['ms_per_query']:>11.3f}{result['ms_per_query_wall']:>11.3f}"
+            f"  {params}")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     start = time.perf_counter()
-    data = ClusteredEmbeddings(args.n, args.dim, args.seed)
+    data = ClusteredEmbeddings(args.n, args.dim, args.seed, args.data)
     embeddings = data.rows(args.n, stream=1)
     queries = data.rows(args.queries, stream=2)
-    print(f"{args.n} x {args.dim} float32 rows of {data.clusters} items ({embeddings.nbytes / 2**30:.2f} GiB), "
+    print(f"{args.n} x {args.dim} float32 rows of {data.clusters} items, layout {args.data} "
+          f"({embeddings.nbytes / 2**30:.2f} GiB), "
           f"{args.queries} queries, made in {time.perf_counter() - start:.1f} s", flush=True)
     start = time.perf_counter()
     _, truth = exact_search(embeddings, queries, min(10, args.n))
@@ -195,6 +225,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for result in results:
         print(format_row(result))
     summary = {"bench": "index", "n": args.n, "dim": args.dim, "queries": args.queries, "seed": args.seed,
+               "data": args.data,
                "results": results}
     if sweeps:
         summary["sweep"] = sweeps

@@ -126,7 +126,8 @@ CORRUPTIONS = {
     "missing meta": (lambda f: (f / cat.META_FILE).unlink(), "meta.json: missing"),
     "meta not json": (lambda f: (f / cat.META_FILE).write_text("{not json"), "meta.json: not valid UTF-8 JSON"),
     "meta a list": (lambda f: (f / cat.META_FILE).write_text("[1]"), "meta.json: expected a JSON object"),
-    "meta without dtype": (lambda f: _drop_key(f, "dtype"), "meta.json: \"dtype\" must be 'float32' or 'float16', missing"),
+    "meta without dtype": (lambda f: _drop_key(f, "dtype"),
+                           "meta.json: \"dtype\" must be 'float32' or 'float16', missing"),
     "meta count a string": (lambda f: _rewrite_meta(f, count="2000"), "meta.json: \"count\" must be an integer"),
     "missing embeddings": (lambda f: (f / cat.EMBEDDINGS_FILE).unlink(), "embeddings.npy: missing"),
     "embeddings not npy": (lambda f: (f / cat.EMBEDDINGS_FILE).write_bytes(b"\x00garbage" * 10),
@@ -135,9 +136,11 @@ CORRUPTIONS = {
                        "embeddings.npy: expected a 2-d (count, dim) array, got shape (2000,)"),
     "embeddings float64": (lambda f: np.save(f / cat.EMBEDDINGS_FILE, np.zeros((N, DIM))),
                            "embeddings.npy: dtype float64, expected float32 or float16"),
-    "dtype vs meta": (lambda f: _rewrite_meta(f, dtype="float16"), "embeddings.npy: dtype float32, but meta.json says float16"),
+    "dtype vs meta": (lambda f: _rewrite_meta(f, dtype="float16"),
+                      "embeddings.npy: dtype float32, but meta.json says float16"),
     "dim vs meta": (lambda f: _rewrite_meta(f, dim=64), "embeddings.npy: 32 columns, but meta.json says dim 64"),
-    "count vs meta": (lambda f: _rewrite_meta(f, count=1999), "embeddings.npy: 2000 rows, but meta.json says count 1999"),
+    "count vs meta": (lambda f: _rewrite_meta(f, count=1999),
+                      "embeddings.npy: 2000 rows, but meta.json says count 1999"),
     "missing paths": (lambda f: (f / cat.PATHS_FILE).unlink(), "paths.txt: missing"),
     "rows vs paths": (lambda f: (f / cat.PATHS_FILE).write_text("a.jpg\nb.jpg\n"),
                       "paths.txt: 2 paths, expected one per row of embeddings.npy (2000)"),
@@ -352,11 +355,11 @@ def test_cli_bad_arguments_exit_2(catalog_dir, capsys):
 
 def test_cli_builds_atomically_and_reports(catalog_dir, capsys):
     need_faiss()
-    before = set(p.name for p in catalog_dir.iterdir())
+    before = {p.name for p in catalog_dir.iterdir()}
     assert index_cli.run([str(catalog_dir), "--kind", "auto", "--sample", "100", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "kind flat (auto: 2000 rows <= 100000" in out and "bytes per vector" in out and "recall@10 1.0000" in out
-    assert set(p.name for p in catalog_dir.iterdir()) == before | {cat.INDEX_FILE, cat.INDEX_INFO_FILE}
+    assert {p.name for p in catalog_dir.iterdir()} == before | {cat.INDEX_FILE, cat.INDEX_INFO_FILE}
     info = json.loads((catalog_dir / cat.INDEX_INFO_FILE).read_text())
     assert info["kind"] == "flat" and info["requested_kind"] == "auto" and info["recall_sample"] == 100
 
@@ -419,11 +422,14 @@ def test_bench_index_runs_small_and_ends_with_json(capsys):
 
 
 def test_bench_index_rows_are_clustered_unit_vectors():
-    data = bench_index.ClusteredEmbeddings(200_000, 64, seed=0)  # 2,000 items in 20 categories
+    data = bench_index.ClusteredEmbeddings(200_000, 64, seed=0)  # 2,000 items
     rows = data.rows(2000, stream=1)
     np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 1, atol=1e-5)
     assert np.array_equal(rows, bench_index.ClusteredEmbeddings(200_000, 64, seed=0).rows(2000, stream=1))
     assert not np.array_equal(rows, data.rows(2000, stream=2))
     centres = data.centres @ data.centres.T
+    assert abs(float(np.median(centres))) < 0.05 and np.median(np.sort(centres, 1)[:, -2]) > 0.3
+    categories = bench_index.ClusteredEmbeddings(200_000, 64, seed=0, layout="categories")  # 20 categories
+    centres = categories.centres @ categories.centres.T
     assert abs(float(np.median(centres))) < 0.1  # most items lie in other categories ...
     assert np.median(np.sort(centres, 1)[:, -2]) > 0.4  # ... each has near ones in its own
