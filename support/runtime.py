@@ -276,7 +276,29 @@ def _start_quiet_resource_tracker() -> None:
 def _spawned(index: int, main: Callable[..., Any], nprocs: int, folder: str, args: tuple) -> None:
     os.environ.update({"RANK": str(index), "LOCAL_RANK": str(index), "WORLD_SIZE": str(nprocs),
                        errors.REPORT_DIR_ENV: folder})
-    main(index, *args)
+    try:
+        main(index, *args)
+    except SystemExit as stop:  # the worker's own status: 128 + signal after a stop, 1 or 2 after an error
+        exit_process(stop.code if isinstance(stop.code, int) else int(stop.code is not None))
+    exit_process(0)
+
+
+def exit_process(code: int = 0) -> None:
+    """Ends a spawned worker whose work is done without the interpreter's teardown.
+
+    After the process group is destroyed, gloo's threads can still abort the process while the
+    interpreter is torn down ("terminate called without an active exception", SIGABRT; about one
+    spawned process in a few hundred on torch 2.14; pytorch/pytorch#179291), turning a finished
+    job into a failed one. Multiprocessing's own exit work still runs first (it kills the loader
+    workers), and the output is flushed.
+    """
+    multiprocessing.util._exit_function()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can reach it
+            pass
+    os._exit(code)
 
 
 def _signal_name(number: int) -> str:

@@ -7,11 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from support import runtime
 from support.snapshot import SnapshotMismatch, read_snapshot
-from toy import init_gloo, toy_config, toy_trainer
+from toy import init_gloo, toy_config, toy_trainer, spawn
 from trainer import Trainer
 
 
@@ -45,7 +44,7 @@ def _run(world_size: int, out_dir: Path) -> dict:
         cfg = toy_config(out_dir / "run", total_epochs=1, batch_size=4, global_batch_size=24)
         _first_step_gradients(toy_trainer(cfg, batch_norm=True), out_dir / "result.pt")
     else:
-        mp.spawn(_gradient_worker, args=(world_size, runtime.free_port(), str(out_dir)), nprocs=world_size)
+        spawn(_gradient_worker, args=(world_size, runtime.free_port(), str(out_dir)), nprocs=world_size)
     return torch.load(out_dir / "result.pt", weights_only=True)
 
 
@@ -85,8 +84,8 @@ def _stop_mid_epoch_worker(rank: int, port: int, out_dir: str, stop_at_batch: in
 
 def test_a_run_stopped_mid_epoch_on_2_processes_resumes_on_1(tmp_path):
     full, stopped = tmp_path / "full", tmp_path / "stopped"
-    mp.spawn(_stop_mid_epoch_worker, args=(runtime.free_port(), str(full), None), nprocs=2)
-    mp.spawn(_stop_mid_epoch_worker, args=(runtime.free_port(), str(stopped), 6), nprocs=2)
+    spawn(_stop_mid_epoch_worker, args=(runtime.free_port(), str(full), None), nprocs=2)
+    spawn(_stop_mid_epoch_worker, args=(runtime.free_port(), str(stopped), 6), nprocs=2)
     assert (stopped / "code0.txt").read_text() == str(128 + signal.SIGUSR1)
     snap = read_snapshot(stopped / "snapshot.pt")
     assert (snap.epochs_run, snap.step_in_epoch, snap.global_batch) == (1, 2, 16)  # 4 steps per epoch
@@ -140,8 +139,8 @@ def test_adamw_with_layer_decay_resumes_mid_epoch_exactly(tmp_path, monkeypatch)
 def test_adamw_with_layer_decay_stopped_mid_epoch_on_2_processes_resumes_on_1(tmp_path):
     pytest.importorskip("timm")
     full, stopped = tmp_path / "full", tmp_path / "stopped"
-    mp.spawn(_stop_mid_epoch_worker, args=(runtime.free_port(), str(full), None, ADAMW_RECIPE, True), nprocs=2)
-    mp.spawn(_stop_mid_epoch_worker, args=(runtime.free_port(), str(stopped), 6, ADAMW_RECIPE, True), nprocs=2)
+    spawn(_stop_mid_epoch_worker, args=(runtime.free_port(), str(full), None, ADAMW_RECIPE, True), nprocs=2)
+    spawn(_stop_mid_epoch_worker, args=(runtime.free_port(), str(stopped), 6, ADAMW_RECIPE, True), nprocs=2)
     assert (stopped / "code0.txt").read_text() == str(128 + signal.SIGUSR1)
     snap = read_snapshot(stopped / "snapshot.pt")
     assert (snap.epochs_run, snap.step_in_epoch) == (1, 2)

@@ -144,8 +144,7 @@ def test_a_bad_image_for_search_or_evaluate_is_one_line_with_or_without_loader_w
             (search.main, ["search.py", str(snapshot), "--gallery", str(inshop), "--query", str(bad_query)], bad_query),
             (evaluate.main, ["evaluate.py", str(snapshot), "--data_root", str(root)], bad_root_image)]
     for main, argv, bad in runs:
-        monkeypatch.setattr(sys, "argv", [*argv, "--num_workers", workers, "--index", str(tmp_path / "g.idx")]
-                            if main is search.main else [*argv, "--num_workers", workers])
+        monkeypatch.setattr(sys, "argv", [*argv, "--num_workers", workers])
         assert run_cli(main) == 1
         err = [line for line in capfd.readouterr().err.replace("\r", "\n").splitlines()
                if line.strip() and not line.startswith("embedding")]  # tqdm's progress bar

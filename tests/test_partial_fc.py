@@ -12,11 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from toy import MyTrainDataset, init_gloo
+from toy import MyTrainDataset, init_gloo, spawn
 
 from arcface.head import ArcFaceHead
 from arcface.partial_fc import (
@@ -318,7 +317,7 @@ def _bad_inputs_raise_on_every_rank(rank: int) -> None:
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_sample_rate_one_equals_dense_loss_gradients_and_sgd_steps(world):
-    mp.spawn(_dense_equivalence_worker, args=(world, runtime.free_port()), nprocs=world)
+    spawn(_dense_equivalence_worker, args=(world, runtime.free_port()), nprocs=world)
 
 
 # ------------------------------------------------------------------------------------------
@@ -392,7 +391,7 @@ def _check_sampled_loss_is_dense_loss_over_sampled_classes(loss, features, label
 
 
 def test_sampled_training_keeps_positives_reproduces_draws_and_learns():
-    mp.spawn(_sampled_worker, args=(runtime.free_port(),), nprocs=2)
+    spawn(_sampled_worker, args=(runtime.free_port(),), nprocs=2)
 
 
 # ------------------------------------------------------------------------------------------
@@ -452,8 +451,8 @@ def _reshard_worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_dense_snapshot_from_3_processes_reshards_onto_2_and_1(tmp_path):
-    mp.spawn(_write_worker, args=(runtime.free_port(), str(tmp_path)), nprocs=3)
-    mp.spawn(_reshard_worker, args=(runtime.free_port(), str(tmp_path)), nprocs=2)
+    spawn(_write_worker, args=(runtime.free_port(), str(tmp_path)), nprocs=3)
+    spawn(_reshard_worker, args=(runtime.free_port(), str(tmp_path)), nprocs=2)
     saved = torch.load(tmp_path / "dense.pt", weights_only=True)
     head = PartialFCHead(**_RESHARD)
     optimizer = torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from toy import MyTrainDataset, ToyModel, init_gloo, toy_config
+import toy
 
 from arcface.partial_fc import PartialFCHead
 from datautils import prepare_dataloader
@@ -47,7 +47,7 @@ def spawn(world_size: int, out_dir: Path, **changes) -> None:
     if world_size == 1:
         pfc_trainer(out_dir, **changes).train()
     else:
-        mp.spawn(_worker, args=(world_size, runtime.free_port(), str(out_dir), changes), nprocs=world_size)
+        toy.spawn(_worker, args=(world_size, runtime.free_port(), str(out_dir), changes), nprocs=world_size)
 
 
 def assert_close_states(a: dict, b: dict, tol: float = 1e-4) -> None:
@@ -100,7 +100,7 @@ def test_a_snapshot_of_3_processes_resumes_on_2_and_on_1(tmp_path, rate):
     spawn(3, tmp_path / "full", partial_fc=rate)
     for resume_world in (2, 1):
         run = tmp_path / f"resumed_on_{resume_world}"
-        mp.spawn(_worker, args=(3, runtime.free_port(), str(run), {"partial_fc": rate, "total_epochs": 1}), nprocs=3)
+        toy.spawn(_worker, args=(3, runtime.free_port(), str(run), {"partial_fc": rate, "total_epochs": 1}), nprocs=3)
         assert read_snapshot(run / "snapshot.pt").epochs_run == 1
         spawn(resume_world, run, partial_fc=rate)  # total_epochs 1 -> 3: a resumable change
     full = read_snapshot(tmp_path / "full" / "snapshot.pt").model
@@ -116,7 +116,7 @@ def test_a_snapshot_of_3_processes_resumes_on_2_and_on_1(tmp_path, rate):
 
 def test_sampling_below_rate_1_is_reproducible_after_a_resume(tmp_path):
     spawn(2, tmp_path / "full", partial_fc=0.5)
-    mp.spawn(_worker, args=(2, runtime.free_port(), str(tmp_path / "resumed"), {"partial_fc": 0.5, "total_epochs": 1}),
+    toy.spawn(_worker, args=(2, runtime.free_port(), str(tmp_path / "resumed"), {"partial_fc": 0.5, "total_epochs": 1}),
              nprocs=2)
     spawn(2, tmp_path / "resumed", partial_fc=0.5)  # (the warm-up spans epoch 1: the same lr as "full")
     full, resumed = (read_snapshot(tmp_path / d / "snapshot.pt").model for d in ("full", "resumed"))

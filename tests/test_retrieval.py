@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -17,6 +16,7 @@ from arcface.retrieval import (
     dataset_labels, embed_loader, evaluate_loaders, evaluate_retrieval, extract_embeddings, prepare_eval_loader,
 )
 from arcface.metrics import retrieval_metrics
+from toy import spawn
 
 CPU = torch.device("cpu")
 # Odd sizes, so DistributedSampler pads both sets under world size 2.
@@ -207,7 +207,7 @@ def test_world_size_two_equals_world_size_one_on_odd_sizes(tmp_path: Path):
         model.embed, query_set, gallery_set, batch_size=2, device=CPU, recall_at=(1, 3), map_at=(5,)
     )
 
-    mp.spawn(_distributed_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn(_distributed_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
 
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)

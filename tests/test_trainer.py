@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torchvision
 from toy import (
+    spawn,
     MyTrainDataset,
     ToyModel,
     init_gloo,
@@ -426,7 +426,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str, batch_size:
 
 
 def test_ddp_two_processes_equal_one_process_on_the_same_global_batch(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, runtime.free_port(), str(tmp_path / "ddp"), 4), nprocs=2)
+    spawn(_ddp_worker, args=(2, runtime.free_port(), str(tmp_path / "ddp"), 4), nprocs=2)
     single = toy_trainer(toy_config(tmp_path / "single", batch_size=8, total_epochs=2))
     single.train()
     ddp_state = torch.load(tmp_path / "ddp" / "final.pt", weights_only=True)
@@ -449,7 +449,7 @@ def _batch_norm_worker(rank: int, port: int, out_dir: str) -> None:
 def test_ddp_evaluates_with_the_batch_norm_statistics_the_snapshot_keeps(tmp_path):
     # After its last step each rank holds BatchNorm statistics of its own batches; evaluation
     # must not mix them, or the logged metrics differ from those of the saved model.
-    mp.spawn(_batch_norm_worker, args=(runtime.free_port(), str(tmp_path)), nprocs=2)
+    spawn(_batch_norm_worker, args=(runtime.free_port(), str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"buffers{rank}.pt", weights_only=True) for rank in (0, 1)]
     assert all(torch.equal(ranks[0][name], ranks[1][name]) for name in ranks[0])
     model = ToyModel(batch_norm=True)
@@ -483,7 +483,7 @@ def test_an_unreadable_snapshot_stops_every_rank_instead_of_hanging(tmp_path, co
         (tmp_path / "snapshot.pt").write_bytes(content)
     else:
         torch.save(content, tmp_path / "snapshot.pt")
-    context = mp.spawn(_unreadable_snapshot_worker, args=(runtime.free_port(), str(tmp_path)), nprocs=2,
+    context = spawn(_unreadable_snapshot_worker, args=(runtime.free_port(), str(tmp_path)), nprocs=2,
                        join=False)
     deadline = time.monotonic() + 120
     while not context.join(timeout=1):
@@ -503,7 +503,7 @@ def test_compile_and_channels_last_run_on_cpu(tmp_path):
 
 
 def test_sync_bn_on_cpu_falls_back_with_a_message(tmp_path, capsys):
-    mp.spawn(_sync_bn_worker, args=(runtime.free_port(), str(tmp_path)), nprocs=2)
+    spawn(_sync_bn_worker, args=(runtime.free_port(), str(tmp_path)), nprocs=2)
     assert (tmp_path / "snapshot.pt").exists()
 
 

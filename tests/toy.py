@@ -4,8 +4,10 @@ a tiny timm ViT on the same clusters seen as 8 x 8 images (for what needs a trun
 from __future__ import annotations
 
 import os
+import traceback
 
 import torch
+import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -13,6 +15,7 @@ from arcface.head import ArcFaceHead
 from arcface.model import RetrievalModel
 from datautils import prepare_dataloader
 from job import make_optimizer
+from support import runtime
 from support.config import Config
 from support.schedule import make_schedule
 from trainer import Trainer
@@ -105,3 +108,18 @@ def init_gloo(rank: int, world_size: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+
+
+def spawn(worker, args: tuple = (), nprocs: int = 1, join: bool = True):
+    """mp.spawn(worker, args, nprocs) whose processes end with runtime.exit_process, as the
+    launcher's do: a worker that passed never fails in the interpreter's teardown."""
+    return mp.spawn(_run_then_exit, args=(worker, args), nprocs=nprocs, join=join)
+
+
+def _run_then_exit(rank: int, worker, args: tuple) -> None:
+    try:
+        worker(rank, *args)
+    except BaseException:
+        traceback.print_exc()
+        runtime.exit_process(1)
+    runtime.exit_process(0)
