@@ -56,7 +56,7 @@ FAMILIES: dict[str, tuple[Callable[..., nn.Module], ...]] = {
 FAMILY_LIST = f"{', '.join(list(FAMILIES)[:-1])} or {list(FAMILIES)[-1]}"
 _BUILDERS = {builder.__name__: builder for builders in FAMILIES.values() for builder in builders}
 _FAMILY_OF = {builder.__name__: family for family, builders in FAMILIES.items() for builder in builders}
-# The torchvision values `build_model` accepts; config.py offers these and "timm/NAME[.TAG]".
+# The torchvision values `build_model` accepts; support/config.py offers these and "timm/NAME[.TAG]".
 ARCHS = tuple(_BUILDERS)
 # What starts an arch that names a timm model ("timm/vit_small_patch16_224.dino").
 TIMM_PREFIX = "timm/"
@@ -203,7 +203,7 @@ def check_backbone(
 ) -> None:
     """Raises a one-line ValueError naming the key (arch, pooling, crop, drop_path) that
     `build_model` cannot use; cheap (nothing is built; a timm model is built once on the meta
-    device, without weights), so config.py checks a configuration with it."""
+    device, without weights), so support/config.py checks a configuration with it."""
     if drop_path is not None and (isinstance(drop_path, bool) or not isinstance(drop_path, (int, float))
                                   or not 0 <= drop_path < 1):
         raise ValueError(f"drop_path: expected a number in [0, 1) or None, got {drop_path!r}")

@@ -2,7 +2,7 @@
 
 A model comes from one of three files, and every tool accepts all three:
 
-    runs/demo/snapshot.pt                       a training snapshot (snapshot.py)
+    runs/demo/snapshot.pt                       a training snapshot (support/snapshot.py)
     model.torchscript.pt                        an export of tools/export.py
     --mmpretrain FILE --arch resnet50 --num_classes 3997    an mmpretrain ArcFace checkpoint
 

@@ -2,7 +2,7 @@
 
     python tools/from_folder.py IMAGES OUT [--test_fraction 0.5] [--seed 0] [--copy] [--force]
 
-The rules and what is refused: arcface/from_folder.py and docs/TOOLS.md, "Your own images".
+The rules and what is refused: arcface/from_folder/__init__.py and docs/TOOLS.md, "Your own images".
 (`python -m arcface.from_folder` runs this same command.)
 """
 from __future__ import annotations
