@@ -44,7 +44,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
 from arcface.model import build_model  # noqa: E402
-from support.runtime import free_port  # noqa: E402
+from support.runtime import exit_process, free_port  # noqa: E402
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -167,6 +167,7 @@ def worker(rank: int, world_size: int, port: int, args: argparse.Namespace, resu
     finally:
         if world_size > 1:
             dist.destroy_process_group()
+    exit_process(0)  # measured and written: the interpreter's teardown cannot fail the run
 
 
 def make_run(model: nn.Module, batches: list[Batch], sync: bool) -> Callable[[], None]:

@@ -60,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from arcface.head import ArcFaceHead  # noqa: E402
 from arcface.partial_fc import PartialFCHead  # noqa: E402
-from support.runtime import free_port  # noqa: E402
+from support.runtime import exit_process, free_port  # noqa: E402
 
 GIB = 2**30
 DENSE_PEAK_WEIGHTS = 8  # the dense head's peak per process, in weight sizes (see the docstring)
@@ -152,6 +152,7 @@ def worker(rank: int, world: int, port: int, mode: str, classes: int, args: argp
             Path(result_path).write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
+    exit_process(0)  # measured and written: the interpreter's teardown cannot fail the run
 
 
 def _measure(rank: int, world: int, mode: str, classes: int, args: argparse.Namespace) -> dict:

@@ -22,6 +22,7 @@ from support.config import Config, dump_toml, from_plain, parse_config, to_plain
 from datautils import synthetic_root
 from tools import embed, evaluate, export, search, visualize
 from tools.api import load_retriever
+from tools import catalog
 from tools.catalog import CatalogError, read_catalog
 from tools.common import IndexMismatch, Preprocess, fingerprint, load_model, preprocess_of, run_cli
 from support.snapshot import SNAPSHOT_VERSION, Snapshot, SnapshotError, read_snapshot, write_snapshot
@@ -113,7 +114,7 @@ def test_index_metrics_flat_equals_retrieval_metrics_and_hnsw_is_close():
     assert flat.pop("index")["kind"] == "flat" and flat == exact
     assert 20 < exact["recall@1"] < 95  # a set where the ranking matters
     hnsw = evaluate.index_metrics(query, gallery, query_labels, gallery_labels, "hnsw", **settings)
-    assert hnsw.pop("index")["params"]["ef_search"] == 64
+    assert hnsw.pop("index")["params"]["ef_search"] == catalog.HNSW_EF_SEARCH
     for key in ("recall@1", "recall@5", "mAP@10"):
         assert abs(hnsw[key] - exact[key]) <= 0.5, key
     # K above the gallery size, as retrieval_metrics allows.
