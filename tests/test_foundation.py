@@ -80,7 +80,7 @@ def test_a_clip_vit_trains_resumes_and_every_tool_embeds_as_training_did(tmp_pat
     with torch.no_grad():
         expected = torch.nn.functional.normalize(model.module(torch.stack([gallery[i][0] for i in range(4)])), dim=1)
     torch.testing.assert_close(search.embed_images(model, paths, torch.device("cpu")), expected)
-    assert search.main([str(snapshot), "--query", paths[1], "--index", str(tmp_path / "g.idx"), "--top_k", "3",
+    assert search.main([str(snapshot), "--query", paths[1], "--top_k", "3",  # the training gallery, embedded
                         "--num_workers", "0", "--json", str(tmp_path / "r.json")]) == 0
     (result,) = json.loads((tmp_path / "r.json").read_text())["results"]
     assert result["matches"][0]["path"] == paths[1]
