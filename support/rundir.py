@@ -16,6 +16,7 @@ import os
 import socket
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, TextIO
 
 import torch
@@ -38,12 +39,17 @@ class RunDirBusy(UserError, RuntimeError):
 class OwnerLock:
     """An exclusive flock on `path` that names its holder in the file; dropped when the process ends."""
 
-    def __init__(self, path: Path, what: str) -> None:
+    def __init__(self, path: Path, what: str, busy: Callable[[str], Exception] | None = None) -> None:
+        """`what` says what the lock guards ("runs/a is the run directory"); `busy(owner)` makes the
+        error raised when another process holds it (default: RunDirBusy naming `what` and owner)."""
         self.path, self.what = path, what
+        self.busy = busy or (lambda owner: RunDirBusy(
+            f"{what} of a run still in progress ({owner}). Wait for it to end, stop it, or choose "
+            f"another --out_dir"))
         self._file: TextIO | None = None
 
     def acquire(self) -> None:
-        """Takes the lock or raises RunDirBusy naming the process that holds it."""
+        """Takes the lock or raises `busy(owner)`, naming the process that holds it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         lock = open(self.path, "a+", encoding="utf-8")
         try:
@@ -52,8 +58,7 @@ class OwnerLock:
             lock.seek(0)
             owner = lock.read().strip() or "a process that has not written its name yet"
             lock.close()
-            raise RunDirBusy(f"{self.what} of a run still in progress ({owner}). "
-                             f"Wait for it to end, stop it, or choose another --out_dir") from None
+            raise self.busy(owner) from None
         lock.seek(0)
         lock.truncate()
         lock.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")

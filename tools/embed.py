@@ -21,19 +21,17 @@ files, tools/search.py --index OUT searches them.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import hashlib
 import json
 import math
 import os
 import shutil
-import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -50,6 +48,7 @@ from arcface.partition import PARTITION_FILE, read_partition
 from arcface.textfile import DataError
 from arcface.transforms import MAX_IMAGE_PIXELS, check_max_pixels, load_image
 from support import runtime
+from support.rundir import OwnerLock
 from support.errors import user_message
 from tools.catalog import (
     DTYPES,
@@ -327,7 +326,7 @@ def embed_catalog(model: LoadedModel, images: CatalogImages, out: Path, device: 
         raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
     autocast = runtime.autocast_dtype(amp, device)
     wanted = catalog_identity(model, images, dtype, autocast, max_pixels)
-    lock: list[TextIO] = []
+    lock: list[OwnerLock] = []
     try:
         plan = runtime.one_rank_decides(lambda: _lock_and_plan(out, wanted, shard_size, lock), TOOL_ERRORS, device)
         if plan.done:
@@ -348,10 +347,10 @@ def embed_catalog(model: LoadedModel, images: CatalogImages, out: Path, device: 
         return meta
     finally:
         for held in lock:
-            held.close()  # drops the flock
+            held.release()  # drops the flock
 
 
-def _lock_and_plan(out: Path, wanted: dict[str, Any], shard_size: int, lock: list[TextIO]) -> Plan:
+def _lock_and_plan(out: Path, wanted: dict[str, Any], shard_size: int, lock: list[OwnerLock]) -> Plan:
     """Rank 0: takes OUT, refuses another catalog's, and lists the shards still to embed."""
     reason = existing_mismatch(out, wanted)
     if reason is not None:
@@ -375,23 +374,12 @@ def _lock_and_plan(out: Path, wanted: dict[str, Any], shard_size: int, lock: lis
     return Plan(False, shard_size, shards, pending)
 
 
-def _take_lock(out: Path) -> TextIO:
+def _take_lock(out: Path) -> OwnerLock:
     """An exclusive flock on OUT/.embed.lock: one job writes a catalog at a time. The kernel drops
     it when the process ends, however it ends, so a killed job never blocks its rerun."""
-    out.mkdir(parents=True, exist_ok=True)
-    lock = open(out / LOCK_FILE, "a+", encoding="utf-8")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        owner = lock.read().strip() or "a process that has not written its name yet"
-        lock.close()
-        raise CatalogError(f"{out}: another embedding job is writing this catalog ({owner}); wait for it "
-                           "to end or stop it") from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    lock.flush()
+    lock = OwnerLock(out / LOCK_FILE, f"{out} is a catalog", busy=lambda owner: CatalogError(
+        f"{out}: another embedding job is writing this catalog ({owner}); wait for it to end or stop it"))
+    lock.acquire()
     return lock
 
 
