@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from arcface.metrics import retrieval_metrics  # noqa: E402
-from bench_index import ROWS_PER_ITEM, ClusteredEmbeddings  # noqa: E402
+from bench_index import ROWS_PER_ITEM, ClusteredEmbeddings, parse_kinds  # noqa: E402
 from tools.evaluate import index_metrics  # noqa: E402
 
 RECALL_AT, MAP_AT = (1, 5, 10), (10,)
@@ -55,10 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in sorted({name for names in OVERRIDES.values() for name in names}):
         parser.add_argument(f"--{name}", type=int, default=None, help="override the default (tools/catalog.py)")
     args = parser.parse_args(argv)
-    args.kinds = [kind.strip() for kind in args.kinds.split(",") if kind.strip()]
-    bad = [kind for kind in args.kinds if kind not in ("flat", "hnsw", "ivfpq")]
-    if bad or not args.kinds:
-        parser.error(f"--kinds: expected a comma-separated list of flat, hnsw, ivfpq, got {bad or 'nothing'}")
+    args.kinds = parse_kinds(parser, args.kinds)
     for name in ("items", "queries", "gallery", "dim"):
         if getattr(args, name) < 1:
             parser.error(f"--{name}: expected an integer >= 1, got {getattr(args, name)}")

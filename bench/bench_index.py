@@ -62,6 +62,15 @@ SWEEP = {"hnsw": [{"ef_search": ef} for ef in (16, 32, 48, 64, 96, 128, 192, 256
 OVERRIDES = ("M", "ef_construction", "ef_search", "nlist", "m", "nprobe", "rerank")
 
 
+def parse_kinds(parser: argparse.ArgumentParser, text: str) -> list[str]:
+    """--kinds "flat,hnsw" -> ["flat", "hnsw"]; anything else ends with the parser's error."""
+    kinds = [kind.strip() for kind in text.split(",") if kind.strip()]
+    bad = [kind for kind in kinds if kind not in ("flat", "hnsw", "ivfpq")]
+    if bad or not kinds:
+        parser.error(f"--kinds: expected a comma-separated list of flat, hnsw, ivfpq, got {bad or 'nothing'}")
+    return kinds
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=1_000_000, help="catalog rows")
@@ -78,10 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in OVERRIDES:
         parser.add_argument(f"--{name}", type=int, default=None, help="override the default (tools/catalog.py)")
     args = parser.parse_args(argv)
-    args.kinds = [kind.strip() for kind in args.kinds.split(",") if kind.strip()]
-    bad = [kind for kind in args.kinds if kind not in ("flat", "hnsw", "ivfpq")]
-    if bad or not args.kinds:
-        parser.error(f"--kinds: expected a comma-separated list of flat, hnsw, ivfpq, got {bad or 'nothing'}")
+    args.kinds = parse_kinds(parser, args.kinds)
     for name in ("n", "dim", "queries"):
         if getattr(args, name) < 1:
             parser.error(f"--{name}: expected an integer >= 1, got {getattr(args, name)}")

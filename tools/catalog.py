@@ -156,13 +156,19 @@ def read_catalog(out_dir: str | os.PathLike, verify: bool = True) -> Catalog:
     return Catalog(root, embeddings, paths, meta)
 
 
+def read_json(path: Path, advice: str = "") -> Any:
+    """The JSON value of a catalog's file; a file that is not UTF-8 JSON is a CatalogError naming it
+    (followed by `advice`)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CatalogError(f"{path}: not valid UTF-8 JSON ({_first_line(error)}){advice}") from None
+
+
 def _read_meta(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CatalogError(f"{path}: missing; expected the catalog's JSON description written by tools/embed.py")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CatalogError(f"{path}: not valid UTF-8 JSON ({_first_line(error)})") from None
+    meta = read_json(path)
     if not isinstance(meta, dict):
         raise CatalogError(f"{path}: expected a JSON object, got {type(meta).__name__}")
     expected = {"fingerprint": "a non-empty string", "dim": "an integer >= 1", "count": "an integer >= 1",
@@ -589,10 +595,7 @@ def load_index(catalog: Catalog) -> CatalogIndex:
 def _read_index_info(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CatalogError(f"{path}: missing; build the index with: python tools/index.py {path.parent}")
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CatalogError(f"{path}: not valid UTF-8 JSON ({_first_line(error)})") from None
+    info = read_json(path)
     if not isinstance(info, dict) or info.get("format") != INDEX_FORMAT:
         raise CatalogError(f"{path}: not an index description of tools/index.py (no format {INDEX_FORMAT!r})")
     if info.get("format_version") != INDEX_VERSION:

@@ -60,6 +60,7 @@ from tools.catalog import (
     Catalog,
     CatalogError,
     IndexMismatch,
+    read_json,
 )
 from tools.common import (
     TOOL_ERRORS,
@@ -284,10 +285,7 @@ def _check_only_catalog_files(out: Path) -> None:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CatalogError(f"{path}: not valid UTF-8 JSON ({error}); delete it to start over") from None
+    value = read_json(path, "; delete it to start over")
     if not isinstance(value, dict):
         raise CatalogError(f"{path}: expected a JSON object; delete it to start over")
     return value
